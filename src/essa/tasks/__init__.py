@@ -1,0 +1,127 @@
+"""Tasks: datasets, prompts, rewards and evaluation metrics, one entry per benchmark.
+
+A task is plain data (`Task`): where its splits come from, the system prompt, the reward function
+(TRL signature ``f(prompts, completions, **columns) -> list[float | None]``) and the evaluation
+summary. Rows are dicts with a ``prompt`` (the user message) plus the task's columns, which are
+passed to the reward as keyword lists, exactly as TRL does.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from essa import EssaError
+
+MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    #: split name -> function returning rows (dicts with "prompt" and the task's columns)
+    splits: dict[str, Callable[[], list[dict]]]
+    #: reward function with the TRL signature
+    reward: Callable[..., list]
+    #: system prompt put before every user prompt (None: the chat template's default)
+    system_prompt: str | None
+    #: split used for ESSA/GRPO training, for SFT, and for the test report
+    rl_split: str
+    sft_split: str
+    test_split: str
+    #: (rows, completions) -> dict of metrics, with at least "accuracy" and "n"
+    evaluate: Callable[[list[dict], list[str]], dict]
+    #: row -> SFT target response (None: the task has no reference responses)
+    sft_target: Callable[[dict], str] | None = None
+    #: maps a local/HF record to a row; used for user-supplied data
+    to_row: Callable[[dict], dict] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def data_path(*parts: str) -> Path:
+    """Path of a vendored data file (see essa/data/PROVENANCE.md)."""
+    return Path(str(resources.files("essa").joinpath("data", *parts)))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise EssaError(f"data file {path} does not exist; pass an existing .jsonl file or an HF dataset id")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EssaError(f"{path}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
+    return rows
+
+
+def seeded_split(rows: list, sizes: list[int], seed: int) -> list[list]:
+    """Deterministically shuffle ``rows`` with ``seed`` and cut consecutive parts of the given sizes."""
+    if sum(sizes) > len(rows):
+        raise EssaError(f"cannot split {len(rows)} rows into parts of {sizes}; use smaller parts")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    out, start = [], 0
+    for n in sizes:
+        out.append([rows[i] for i in order[start:start + n]])
+        start += n
+    return out
+
+
+def load_rows(task: Task, source: str | None = None, split: str | None = None, limit: int | None = None) -> list[dict]:
+    """Rows of a task: a built-in split name, a local .jsonl file, or an HF dataset id (``id[:split]``)."""
+    if source is None or source in task.splits:
+        name = source or split or task.test_split
+        if name not in task.splits:
+            raise EssaError(f"task {task.name!r} has no split {name!r}; use one of: {', '.join(task.splits)}")
+        rows = task.splits[name]()
+    elif source.endswith(".jsonl") or Path(source).exists():
+        rows = [_row(task, r) for r in read_jsonl(source)]
+    else:
+        rows = [_row(task, r) for r in _load_hf(source, split)]
+    return rows[:limit] if limit else rows
+
+
+def _row(task: Task, record: dict) -> dict:
+    if task.to_row is not None and "prompt" not in record:
+        return task.to_row(record)
+    if "prompt" not in record:
+        raise EssaError(f"record {sorted(record)} has no 'prompt' field; add one or use the task's own format")
+    return record
+
+
+def _load_hf(dataset_id: str, split: str | None):
+    name, _, sub = dataset_id.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise EssaError(f"{dataset_id!r} is neither a split name nor a local file; to load an HF dataset, "
+                        f"`pip install datasets`") from None
+    try:
+        return list(datasets.load_dataset(name, split=sub or split or "train"))
+    except Exception as e:  # network, missing dataset, bad split
+        raise EssaError(f"could not load HF dataset {dataset_id!r}: {str(e).splitlines()[0]}") from None
+
+
+def get_task(name: str) -> Task:
+    """Look up a task by name (gsm8k, math, ifeval)."""
+    if name == "gsm8k":
+        from essa.tasks.math import GSM8K
+        return GSM8K
+    if name in ("math", "math500"):
+        from essa.tasks.math import MATH
+        return MATH
+    if name == "ifeval":
+        from essa.tasks.ifeval import IFEVAL
+        return IFEVAL
+    raise EssaError(f"unknown task {name!r}; use one of: {', '.join(TASK_NAMES)}")
+
+
+TASK_NAMES = ("gsm8k", "math", "math500", "ifeval")
