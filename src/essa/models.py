@@ -178,3 +178,17 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, layers: int = 2, hidden: in
                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                       tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
+
+
+QUANTIZATION_MODES = ("none", "int8", "int4")
+
+
+def quantize_model(model, mode: str = "none"):
+    """Weight-only quantization of the frozen base linear layers (in place). See essa.quant."""
+    if mode not in QUANTIZATION_MODES:
+        raise EssaError(f"unknown quantization {mode!r}; use one of: {', '.join(QUANTIZATION_MODES)}")
+    if mode == "none":
+        return model
+    from essa.quant import quantize_base_weights
+
+    return quantize_base_weights(model, mode)

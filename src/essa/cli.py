@@ -1,0 +1,189 @@
+"""The `essa` command line: sft · genome info · eval · train · report · data · demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+import yaml
+
+from essa import EssaError
+from essa.config import apply_overrides, from_dict, help_text, load_yaml
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per top-level scalar/list field of a config dataclass (values parsed as YAML)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                            metavar="VALUE", help=f.metadata.get("help", ""))
+    parser.add_argument("--config", help="YAML file with any of these fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (dotted keys for sections), repeatable")
+
+
+def _build(cls, args) -> typing.Any:
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in names:
+        if name in vars(args):
+            raw = getattr(args, name)
+            data[name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    data = apply_overrides(data, getattr(args, "set", []))
+    return from_dict(cls, data)
+
+
+def cmd_sft(args):
+    from essa.sft import SFTConfig, run_sft
+
+    out = run_sft(_build(SFTConfig, args))
+    print(json.dumps({"adapter": str(out)}))
+
+
+def cmd_genome_info(args):
+    from essa.genome import load_genome
+
+    print(json.dumps(load_genome(args.adapter, args.alpha).info(), indent=2))
+
+
+def cmd_eval(args):
+    from essa.evaluate import EvalConfig, run_eval
+
+    print(json.dumps(run_eval(_build(EvalConfig, args)), indent=2))
+
+
+def cmd_train(args):
+    from essa.trainer import TrainConfig, resume, train
+
+    if args.resume:
+        summary = resume(args.resume)
+    else:
+        if not args.config and not args.set:
+            raise EssaError("essa train needs --config FILE.yaml (see configs/) or --resume RUN_DIR")
+        data = load_yaml(args.config) if args.config else {}
+        summary = train(from_dict(TrainConfig, apply_overrides(data, args.set)))
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_report(args):
+    from essa.report import write_report
+
+    print(json.dumps(write_report(args.run_dir), indent=2))
+
+
+def cmd_data_ifeval_like(args):
+    from essa.tasks.ifeval_data import make_ifeval_like, rejection_sample, write_jsonl
+
+    if args.n < 1:
+        raise EssaError(f"--n must be >= 1, got {args.n}")
+    rows = make_ifeval_like(args.n, args.seed)
+    if args.responses:
+        from essa.engine import SamplingConfig, chat_prompts
+        from essa.evaluate import build_engine
+
+        engine = build_engine(args.model, None)
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95,
+                                  num_samples=args.samples, seed=args.seed)
+
+        def generate(prompts, n):
+            out = engine.generate(chat_prompts(engine.tokenizer, prompts), None, sampling)[0]
+            return [[c.text for c in samples] for samples in out]
+
+        rows = rejection_sample(rows, generate, args.samples, batch_size=64)
+    path = write_jsonl(rows, args.out)
+    print(json.dumps({"rows": len(rows), "out": str(path), "with_responses": bool(args.responses)}, indent=2))
+
+
+def cmd_demo(args):
+    from essa.demo import run_demo
+
+    run_demo(fast=args.fast)
+
+
+def cmd_config_help(args):
+    from essa.evaluate import EvalConfig
+    from essa.sft import SFTConfig
+    from essa.trainer import TrainConfig
+
+    cls = {"train": TrainConfig, "sft": SFTConfig, "eval": EvalConfig}[args.which]
+    print(help_text(cls))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="essa", description="Align LLMs with evolution strategies over LoRA singular values (ESSA).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from essa.evaluate import EvalConfig
+
+    s = sub.add_parser("sft", help="SFT warm start: train a LoRA adapter (PEFT)")
+    try:
+        from essa.sft import SFTConfig
+        _add_fields(s, SFTConfig)
+    except ImportError:
+        pass
+    s.set_defaults(func=cmd_sft)
+
+    g = sub.add_parser("genome", help="inspect the SVD genome of an adapter")
+    gsub = g.add_subparsers(dest="genome_command", required=True)
+    gi = gsub.add_parser("info", help="print dimension, layers, modules, rank as JSON")
+    gi.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")
+    gi.add_argument("--alpha", type=float, default=1.0, help="fraction of singular values per factor that are trainable")
+    gi.set_defaults(func=cmd_genome_info)
+
+    e = sub.add_parser("eval", help="evaluate a model/adapter on gsm8k, math500 or ifeval")
+    _add_fields(e, EvalConfig)
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="run ESSA (CMA-ES over singular values) from a YAML config")
+    t.add_argument("--config", help="YAML config (see configs/; `essa config-help train` lists every field)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, repeatable")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("report", help="plots (PNG) and a markdown summary of a run")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("data", help="build training data")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("ifeval-like", help="IFEval-style prompts with checkable constraints (+ SFT targets by rejection sampling)")
+    di.add_argument("--n", type=int, required=True, help="number of prompts")
+    di.add_argument("--out", required=True, help="output .jsonl")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--responses", action="store_true", help="add SFT targets by rejection sampling with --model")
+    di.add_argument("--model", default="smollm2-135m-instruct")
+    di.add_argument("--samples", type=int, default=4, help="samples per prompt for rejection sampling")
+    di.add_argument("--max-new-tokens", type=int, default=256)
+    di.set_defaults(func=cmd_data_ifeval_like)
+
+    m = sub.add_parser("demo", help="short real ESSA job on the default model (CPU friendly)")
+    m.add_argument("--fast", action="store_true", help="even smaller settings (smoke test)")
+    m.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("config-help", help="list every config field with its help")
+    c.add_argument("which", choices=["train", "sft", "eval"])
+    c.set_defaults(func=cmd_config_help)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except EssaError as e:
+        print(f"essa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("essa: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

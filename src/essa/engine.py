@@ -1,0 +1,384 @@
+"""Population engine: generate for a whole ES population in one batched decode.
+
+Every candidate shares the frozen SVD bases of the genome and differs only in its singular values, so
+each adapted projection computes, for a batch row that belongs to candidate c::
+
+    y = base(x) + scaling · (((x · Vh_Aᵀ) ⊙ s_A[c]) · (U_Aᵀ · Vh_Bᵀ) ⊙ s_B[c]) · U_Bᵀ
+
+i.e. three small shared matmuls (in→r, r→r, r→out) and two per-row diagonal scalings. No adapter is
+merged, swapped or copied per candidate: a batch mixes rows of any candidates freely.
+
+The decode loop (``_decode``) is the hot path: one forward of the batch per new token with the
+model's KV cache, greedy or seeded sampling, EOS/stop-string detection, and finished rows dropped
+from the batch as the batch thins out. Micro-batches are sized to a memory budget; an out-of-memory
+error halves the micro-batch and retries.
+
+Seeded sampling is *counter based*: the random number of a row at a step is a hash of
+(seed, prompt index, sample index, step), not of the row's position in the batch or its candidate.
+So the draws do not depend on batch composition (up to floating-point effects of batch shape on the
+logits), and all candidates see the same random numbers for the same prompt/sample (common random
+numbers: less noise when candidates are compared).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from essa import EssaError
+from essa.genome import Genome, singular_values
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are decoded."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "maximum tokens generated per completion"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples from softmax(logits / T)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest token set with this much probability"})
+    num_samples: int = field(default=1, metadata={"help": "completions per (candidate, prompt), for avg@k / pass@k"})
+    seed: int = field(default=0, metadata={"help": "seed of the counter-based sampler"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings: generation ends after any of them (they are cut from the text)"})
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  #: "eos", "stop" (a stop string) or "length"
+
+
+@dataclass
+class GenerationStats:
+    rows: int = 0
+    slot_tokens: int = 0      #: batch rows × decode steps actually run (what the hardware computed)
+    useful_tokens: int = 0    #: tokens that belong to a completion (up to and including its end)
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    micro_batches: int = 0
+    oom_retries: int = 0
+
+
+# --------------------------------------------------------------------------------- per-row LoRA layer
+
+class PopulationLoRA(nn.Module):
+    """A frozen base projection plus the genome's LoRA path with per-row singular values."""
+
+    def __init__(self, base: nn.Module, Vh_A: torch.Tensor, M: torch.Tensor, U_B: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("Vh_A_t", Vh_A.t().contiguous(), persistent=False)  # [in, r]
+        self.register_buffer("M", M.contiguous(), persistent=False)              # [r, r] = U_Aᵀ Vh_Bᵀ
+        self.register_buffer("U_B_t", U_B.t().contiguous(), persistent=False)    # [r, out], scaling folded in
+        self.s_A: torch.Tensor | None = None  # [rows, 1, r] for the current batch (None: LoRA path off)
+        self.s_B: torch.Tensor | None = None
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.s_A is None:
+            return y
+        h = (x.to(self.Vh_A_t.dtype) @ self.Vh_A_t) * self.s_A
+        h = (h @ self.M) * self.s_B
+        return y + (h @ self.U_B_t).to(y.dtype)
+
+
+def install_population_lora(model: nn.Module, genome: Genome, dtype: torch.dtype | None = None) -> list[PopulationLoRA]:
+    """Wrap every module the genome adapts (in place); returns the wrappers in genome order."""
+    wrappers = []
+    for i, name in enumerate(genome.modules):
+        try:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            base = getattr(parent, child)
+        except AttributeError:
+            raise EssaError(f"the adapter adapts {name!r}, which the model does not have; "
+                            f"was the adapter trained for another model?") from None
+        if isinstance(base, PopulationLoRA):
+            base = base.base
+        weight = getattr(base, "weight", None)
+        dev = weight.device if weight is not None else next(model.parameters()).device
+        dt = dtype or (weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
+        M = genome.U_A[i].t() @ genome.Vh_B[i].t()
+        wrapper = PopulationLoRA(base, genome.Vh_A[i].to(dev, dt), M.to(dev, dt),
+                                 (genome.U_B[i] * genome.scaling).to(dev, dt))
+        setattr(parent, child, wrapper)
+        wrappers.append(wrapper)
+    return wrappers
+
+
+# --------------------------------------------------------------------------------- the engine
+
+def chat_prompts(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each user prompt wrapped in the chat template, ready for generation."""
+    out = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": p}]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = (system_prompt + "\n\n" if system_prompt else "") + p
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A splitmix64-style integer hash on int64 tensors (wrapping arithmetic)."""
+    x = x * -7046029254386353131  # 0x9E3779B97F4A7C15 as signed int64
+    x = (x ^ (x >> 30)) * -4658895280553007687
+    x = (x ^ (x >> 27)) * -7723592293110705685
+    return x ^ (x >> 31)
+
+
+def _uniform(seed: int, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in [0, 1) per row from (seed, row key, step); float64."""
+    x = _mix(_mix(keys * 1_000_003 + step) + seed)
+    return (x & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
+def _sample(logits: torch.Tensor, cfg: SamplingConfig, keys: torch.Tensor, step: int) -> torch.Tensor:
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1).double()
+    u = _uniform(cfg.seed, keys, step).to(probs.device).unsqueeze(-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        cum = sorted_p.cumsum(-1)
+        sorted_p = sorted_p.masked_fill(cum - sorted_p >= cfg.top_p, 0.0)
+        cum = sorted_p.cumsum(-1)
+        idx = torch.searchsorted(cum, u * cum[:, -1:]).clamp_max(probs.shape[-1] - 1)
+        return order.gather(-1, idx).squeeze(-1)
+    cum = probs.cumsum(-1)
+    return torch.searchsorted(cum, u * cum[:, -1:]).clamp_max(probs.shape[-1] - 1).squeeze(-1)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e).lower()))
+
+
+class PopulationEngine:
+    """Batched generation for (candidate, prompt, sample) rows on one model.
+
+    ``model`` is a plain HF causal LM (base weights, possibly quantized); ``genome`` the SVD genome of
+    the SFT adapter, or None to generate with the base model alone.
+    """
+
+    def __init__(self, model, tokenizer, genome: Genome | None = None, clamp_min: float | None = None,
+                 memory_budget_gb: float | None = None, max_batch_rows: int | None = None):
+        self.model, self.tokenizer, self.genome, self.clamp_min = model, tokenizer, genome, clamp_min
+        self.device = next(model.parameters()).device
+        self.wrappers = install_population_lora(model, genome) if genome is not None else []
+        self.lora_dtype = self.wrappers[0].M.dtype if self.wrappers else None
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self._kv_bytes_per_token = self._kv_bytes(cfg)
+        self.memory_budget = self._memory_budget(memory_budget_gb)
+        self.max_batch_rows = max_batch_rows
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = sorted(set(eos))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self.vocab = cfg.vocab_size
+        self.stats = GenerationStats()
+        self._oom_cap: int | None = None
+
+    # ---- memory
+    def _kv_bytes(self, cfg) -> int:
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elem = next(self.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * heads * head_dim * max(elem, 2)
+
+    def _memory_budget(self, gb: float | None) -> int:
+        if gb is not None:
+            return int(gb * 2**30)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(0.8 * free)
+        return 4 * 2**30
+
+    def rows_per_batch(self, prompt_len: int, max_new: int) -> int:
+        """How many rows fit the memory budget: KV cache + prefill activations + logits per row."""
+        cfg = self.model.config
+        hidden = getattr(cfg, "hidden_size", 1024)
+        inter = getattr(cfg, "intermediate_size", 4 * hidden)
+        heads = getattr(cfg, "num_attention_heads", 16)
+        elem = 4
+        per_row = (self._kv_bytes_per_token * (prompt_len + max_new)
+                   + prompt_len * (6 * hidden + 3 * inter) * elem      # prefill activations of one layer
+                   + heads * prompt_len * prompt_len * elem             # attention scores (math SDPA)
+                   + 4 * self.vocab * 8)                                # logits, probabilities, sort
+        n = max(1, self.memory_budget // per_row)
+        return int(min(n, self.max_batch_rows or n))
+
+    # ---- rows
+    def _set_rows(self, s_A: torch.Tensor | None, s_B: torch.Tensor | None):
+        for i, w in enumerate(self.wrappers):
+            w.s_A = None if s_A is None else s_A[:, i].unsqueeze(1)
+            w.s_B = None if s_B is None else s_B[:, i].unsqueeze(1)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], candidates=None, sampling: SamplingConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[list[list[Completion]]]:
+        """Completions for every (candidate, prompt, sample): ``out[k][p][s]``.
+
+        candidates: [K, dimension] offsets (numpy or torch); None = one candidate with zero offset
+        (the adapter itself, or the base model when the engine has no genome).
+        progress(rows_done, tokens): called after every micro-batch.
+        """
+        K = 1 if candidates is None else len(candidates)
+        pairs = [(k, p) for k in range(K) for p in range(len(prompt_ids))]
+        flat = self.generate_pairs(prompt_ids, candidates, pairs, sampling, progress)
+        return [flat[k * len(prompt_ids):(k + 1) * len(prompt_ids)] for k in range(K)]
+
+    @torch.inference_mode()
+    def generate_pairs(self, prompt_ids: Sequence[Sequence[int]], candidates, pairs: Sequence[tuple[int, int]],
+                       sampling: SamplingConfig | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> list[list[Completion]]:
+        """Completions for the given (candidate, prompt) pairs only: ``out[i][s]`` for pair i.
+
+        Lets each candidate have its own prompts (independent mini-batches) in one batched run.
+        """
+        import time
+
+        cfg = sampling or SamplingConfig()
+        if cfg.max_new_tokens < 1:
+            raise EssaError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+        if not pairs:
+            return []
+        if self.genome is not None:
+            dim = self.genome.dimension
+            cand = torch.zeros(1, dim) if candidates is None else torch.as_tensor(np.asarray(candidates), dtype=torch.float32)
+            if cand.dim() != 2:
+                raise EssaError(f"candidates must be a [K, {dim}] matrix, got shape {tuple(cand.shape)}")
+            s_A, s_B = singular_values(self.genome, cand, self.clamp_min)        # [K, M, r]
+            s_A, s_B = s_A.to(self.device, self.lora_dtype), s_B.to(self.device, self.lora_dtype)
+        else:
+            if candidates is not None and len(candidates) != 1:
+                raise EssaError("the engine has no genome (no adapter); pass candidates=None")
+            s_A = s_B = None
+        S = cfg.num_samples
+        # rows sorted by prompt length so a micro-batch holds similar lengths (less padding)
+        order = sorted(range(len(pairs)), key=lambda i: (len(prompt_ids[pairs[i][1]]), pairs[i][1]))
+        rows = [(i, pairs[i][0], pairs[i][1], s) for i in order for s in range(S)]
+        out: list[list[Completion | None]] = [[None] * S for _ in pairs]
+        t0, start = time.perf_counter(), 0
+        while start < len(rows):
+            longest = max(len(prompt_ids[p]) for _, _, p, _ in rows[start:start + 4096])
+            n = min(self.rows_per_batch(longest, cfg.max_new_tokens), self._oom_cap or len(rows))
+            while True:
+                chunk = rows[start:start + n]
+                try:
+                    results = self._decode([(k, p, s) for _, k, p, s in chunk], prompt_ids, s_A, s_B, cfg)
+                    break
+                except Exception as e:  # noqa: BLE001 - only OOM is handled, everything else re-raised
+                    if not _is_oom(e):
+                        raise
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if n == 1:
+                        raise EssaError("out of memory generating a single row; lower max_new_tokens, "
+                                        "use quantization, or a smaller model") from None
+                    n = max(1, n // 2)
+                    self._oom_cap = n  # remember: later micro-batches start at the size that fitted
+                    self.stats.oom_retries += 1
+            for (i, _, _, s), c in zip(chunk, results):
+                out[i][s] = c
+            start += len(chunk)
+            self.stats.micro_batches += 1
+            if progress:
+                progress(start, self.stats.useful_tokens)
+        self.stats.rows += len(rows)
+        self.stats.seconds += time.perf_counter() - t0
+        return out  # type: ignore[return-value]
+
+    def _decode(self, chunk, prompt_ids, s_A, s_B, cfg: SamplingConfig) -> list[Completion]:
+        """The hot loop: prefill the chunk, then one forward per new token until every row ended."""
+        from transformers import DynamicCache
+
+        dev, N = self.device, len(chunk)
+        lens = [len(prompt_ids[p]) for _, p, _ in chunk]
+        T = max(lens)
+        ids = torch.full((N, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((N, T), dtype=torch.long)
+        for i, (_, p, _) in enumerate(chunk):  # left padding
+            ids[i, T - lens[i]:] = torch.as_tensor(prompt_ids[p], dtype=torch.long)
+            mask[i, T - lens[i]:] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        keys = torch.tensor([p * cfg.num_samples + s for _, p, s in chunk], dtype=torch.long)
+        cand = torch.tensor([k for k, _, _ in chunk], dtype=torch.long)
+        if s_A is not None:
+            self._set_rows(s_A[cand.to(dev)], s_B[cand.to(dev)])
+        else:
+            self._set_rows(None, None)
+        self.stats.prompt_tokens += sum(lens)
+
+        alive = torch.arange(N)                 # original row index of each batch row
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
+        generated: list[list[int]] = [[] for _ in range(N)]
+        finish = ["length"] * N
+        finished = [False] * N
+        cache = DynamicCache()
+        position = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        next_pos = position[:, -1:] + 1
+        stop_strings = cfg.stop
+        max_stop_tokens = 0
+        if stop_strings:
+            max_stop_tokens = max(len(self.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings) + 2
+        try:
+            for step in range(cfg.max_new_tokens):
+                logits = out.logits[:, -1, :]
+                tok = _sample(logits, cfg, keys[alive], step)
+                tok_cpu = tok.tolist()
+                ended = torch.isin(tok, eos).tolist()
+                keep = []
+                for j, (row, t) in enumerate(zip(alive.tolist(), tok_cpu)):
+                    if finished[row]:
+                        continue  # ended earlier, waiting to be dropped from the batch
+                    generated[row].append(t)
+                    if ended[j]:
+                        finish[row], finished[row] = "eos", True
+                    elif stop_strings and self._hit_stop(generated[row], stop_strings, max_stop_tokens):
+                        finish[row], finished[row] = "stop", True
+                    else:
+                        keep.append(j)
+                self.stats.slot_tokens += len(alive)
+                if not keep or step == cfg.max_new_tokens - 1:
+                    break
+                # drop finished rows from the batch once they are a quarter of it
+                if len(alive) - len(keep) >= max(1, len(alive) // 4):
+                    sel = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(sel)
+                    mask, next_pos, tok = mask[sel], next_pos[sel], tok[sel]
+                    alive = alive[torch.tensor(keep)]
+                    if s_A is not None:
+                        rows_idx = cand[alive].to(dev)
+                        self._set_rows(s_A[rows_idx], s_B[rows_idx])
+                mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], dim=1)
+                out = self.model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
+                                 past_key_values=cache, use_cache=True)
+                next_pos = next_pos + 1
+        finally:
+            self._set_rows(None, None)
+        results = []
+        for row in range(N):
+            toks = generated[row]
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            if finish[row] == "stop":
+                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+                text = text[:cut] if cut >= 0 else text
+            self.stats.useful_tokens += len(toks)
+            results.append(Completion(text=text, token_ids=toks, finish_reason=finish[row]))
+        return results
+
+    def _hit_stop(self, toks: list[int], stops: list[str], window: int) -> bool:
+        tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=True)
+        return any(s in tail for s in stops)

@@ -1,0 +1,118 @@
+"""Evaluation: generate with the population engine, score with the task, write per-example results."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from essa.config import help_field
+from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+from essa.tasks import Task, get_task, load_rows
+
+
+@dataclass
+class EvalConfig:
+    """`essa eval`: score a model (optionally with an adapter) on a task's test split."""
+
+    model: str = help_field("smollm2-135m-instruct", "base model: alias, hub id or local folder")
+    adapter: str | None = help_field(None, "PEFT LoRA adapter folder (SFT output or exported genome); none = base model")
+    task: str = help_field("gsm8k", "gsm8k | math500 | ifeval")
+    data: str | None = help_field(None, "split name of the task, local .jsonl or HF dataset id (default: the task's test split)")
+    limit: int | None = help_field(None, "evaluate only the first N examples")
+    max_new_tokens: int = help_field(512, "maximum tokens per completion")
+    system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
+    device: str = help_field("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = help_field("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    quantization: str = help_field("none", "base-weight quantization for inference: none | int8 | int4")
+    memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
+    max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
+    output: str | None = help_field(None, "per-example jsonl path (default: eval-<task>.jsonl in the current folder)")
+
+
+def resolve_system_prompt(task: Task, value: str | None) -> str | None:
+    return task.system_prompt if value == "task" else value
+
+
+def generate_and_score(engine: PopulationEngine, task: Task, rows: list[dict], candidates=None,
+                       sampling: SamplingConfig | None = None, system_prompt: str | None = None,
+                       progress=None):
+    """Per candidate: (metrics dict, completions list). candidates None = the engine's adapter as is."""
+    prompt_ids = chat_prompts(engine.tokenizer, [r["prompt"] for r in rows], system_prompt)
+    out = engine.generate(prompt_ids, candidates, sampling or SamplingConfig(), progress=progress)
+    results = []
+    for per_prompt in out:
+        completions = [samples[0] for samples in per_prompt]
+        metrics = task.evaluate(rows, [c.text for c in completions])
+        results.append((metrics, completions))
+    return results
+
+
+def write_jsonl_atomic(records, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def build_engine(model: str, adapter: str | None, device: str = "auto", dtype: str = "auto",
+                 quantization: str = "none", alpha: float = 1.0, clamp_min: float | None = None,
+                 memory_budget_gb: float | None = None, max_batch_rows: int | None = None):
+    """Base model (+ quantization) with the adapter's genome installed as the per-row LoRA path."""
+    from essa.genome import load_genome
+    from essa.models import load_model, quantize_model
+
+    genome = load_genome(adapter, alpha) if adapter else None
+    m, tok = load_model(model, device=device, dtype=dtype)
+    quantize_model(m, quantization)
+    return PopulationEngine(m, tok, genome, clamp_min=clamp_min, memory_budget_gb=memory_budget_gb,
+                            max_batch_rows=max_batch_rows)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    from tqdm import tqdm
+
+    task = get_task(cfg.task)
+    source = cfg.data or task.test_split
+    rows = load_rows(task, source, limit=cfg.limit)
+    engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization,
+                          memory_budget_gb=cfg.memory_budget_gb, max_batch_rows=cfg.max_batch_rows)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(rows), desc=f"eval {cfg.task}", unit="ex")
+    progress = lambda done, toks: (bar.update(done - bar.n), bar.set_postfix(tok=toks))  # noqa: E731
+    (metrics, completions), = generate_and_score(
+        engine, task, rows, None, SamplingConfig(max_new_tokens=cfg.max_new_tokens),
+        resolve_system_prompt(task, cfg.system_prompt), progress)
+    bar.close()
+    wall = time.perf_counter() - t0
+    out_path = Path(cfg.output or f"eval-{cfg.task}.jsonl")
+    per_example = metrics.pop("results", None) or [{} for _ in rows]
+    scores = metrics.pop("scores", [None] * len(rows))
+    write_jsonl_atomic(({**{k: v for k, v in r.items()}, "completion": c.text, "finish_reason": c.finish_reason,
+                         "score": s, **extra}
+                        for r, c, s, extra in zip(rows, completions, scores, per_example)), out_path)
+    st = engine.stats
+    summary = {"task": cfg.task, "model": cfg.model, "adapter": cfg.adapter, "data": source, **metrics,
+               "wall_seconds": round(wall, 2), "generated_tokens": st.useful_tokens,
+               "tokens_per_second": round(st.useful_tokens / max(wall, 1e-9), 1),
+               "device": str(engine.device), "quantization": cfg.quantization, "output": str(out_path)}
+    return summary
+
+
+def evaluate_offsets(engine: PopulationEngine, task: Task, rows: list[dict], offsets: np.ndarray,
+                     sampling: SamplingConfig, system_prompt: str | None) -> list[float]:
+    """Accuracy of each offset vector on rows (one batched generation for all of them)."""
+    return [m["accuracy"] for m, _ in generate_and_score(engine, task, rows, offsets, sampling, system_prompt)]

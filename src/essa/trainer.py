@@ -1,0 +1,371 @@
+"""The ESSA loop, in one place.
+
+    SFT adapter ──SVD──▶ genome (frozen bases, singular values s₀)
+    for each generation:
+        X   = strategy.ask()                       # K offsets to s₀
+        C   = engine(X × mini-batch of prompts)    # one batched generation for all candidates
+        f_k = mean reward of candidate k's completions
+        strategy.tell(X, f)                        # CMA-ES update (maximising f)
+        every `eval_every` generations: validate the mean (and the best candidate so far) on a held-out
+        split of *train*, keep the best-by-validation offset
+        checkpoint (atomic, plain data)
+    export best-by-validation and final-mean adapters; test them on the task's test split.
+
+Selection uses a validation split carved from the RL training data, never the test set (the paper
+selected on test; we report test separately).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from essa import EssaError
+from essa.config import from_dict, help_field, to_dict
+from essa.engine import SamplingConfig, chat_prompts
+from essa.evaluate import build_engine, resolve_system_prompt, write_jsonl_atomic
+from essa.tasks import get_task, load_rows, seeded_split
+
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclass
+class TrainConfig:
+    """`essa train`: ESSA over the singular values of an SFT LoRA adapter."""
+
+    # -- what to align
+    model: str = help_field("smollm2-135m-instruct", "base model: alias, hub id or local folder")
+    adapter: str = help_field("", "SFT LoRA adapter folder (output of `essa sft`): the starting point (offset 0)")
+    task: str = help_field("gsm8k", "task: gsm8k | math | ifeval (data splits, prompts, default reward, metrics)")
+    reward: str | list | None = help_field(None, "fitness reward: null = the task's reward; a task name; "
+                                           "'module:function'; 'reward_model:PATH'; or a list of {reward, weight}")
+    system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
+    train_data: str | None = help_field(None, "RL prompts: split name, .jsonl or HF id (default: the task's RL split)")
+    val_size: int = help_field(200, "validation examples carved (seeded) from the RL data; never trained on")
+    test_limit: int | None = help_field(None, "test examples for the final report (null = all, 0 = skip test)")
+    # -- genome and strategy
+    alpha: float = help_field(1.0, "fraction of each factor's singular values that are trainable (k = floor(alpha*r))")
+    clamp_min: float | None = help_field(None, "clamp singular values from below (e.g. 0.0); null = no clamp (sign flips allowed)")
+    strategy: str = help_field("cma", "cma (full covariance) | sep_cma (separable) | nes (OpenAI-ES) | auto")
+    popsize: int = help_field(24, "candidates per generation (paper: 24-96)")
+    sigma0: float | None = help_field(None, "initial step size of the offsets (null = essa.strategies.DEFAULT_SIGMA0)")
+    generations: int = help_field(50, "number of strategy generations")
+    # -- fitness
+    batch_size: int = help_field(100, "prompts per mini-batch (paper: 100-500)")
+    shared_batch: bool = help_field(True, "all candidates of a generation see the same mini-batch (common random numbers)")
+    generation: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256),
+                                       metadata={"help": "decoding for fitness and validation (default greedy)"})
+    # -- validation, logging, budget
+    eval_every: int = help_field(5, "validate every N generations (and at start and end)")
+    eval_every_seconds: float | None = help_field(None, "also validate when this much wall-clock time passed since the last validation")
+    max_minutes: float | None = help_field(None, "stop after this wall-clock budget (minutes), then validate and export")
+    samples_per_generation: int = help_field(3, "completions of the best candidate logged per generation (samples.jsonl)")
+    tensorboard: bool = help_field(True, "write TensorBoard scalars to OUTPUT_DIR/tb")
+    # -- run
+    output_dir: str = help_field("runs/essa", "run directory: metrics, checkpoints, adapters, report")
+    seed: int = help_field(0, "seed of the strategy and the data order")
+    device: str = help_field("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = help_field("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    quantization: str = help_field("none", "base-weight quantization for generation: none | int8 | int4")
+    memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
+    max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
+
+    def validate(self):
+        if not self.adapter:
+            raise EssaError("config needs `adapter`: the SFT LoRA adapter folder (run `essa sft` first)")
+        if self.popsize < 2 or self.generations < 0 or self.batch_size < 1 or self.eval_every < 1:
+            raise EssaError("popsize must be >= 2, generations >= 0, batch_size >= 1 and eval_every >= 1")
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(run_dir: Path, meta: dict, arrays: dict[str, np.ndarray]):
+    """One .npz holding the arrays and the JSON metadata (as bytes); written atomically, no pickle."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    _atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise EssaError(f"{run_dir} has no {CHECKPOINT}; pass the run directory of an `essa train` run")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    return meta, arrays
+
+
+def safe_rewards(reward_fn, prompts, completions, columns) -> tuple[list[float], int]:
+    """Call a reward; None/NaN entries or an exception become NaN, counted as invalid."""
+    try:
+        values = reward_fn(prompts, completions, **columns)
+        values = [float("nan") if v is None else float(v) for v in values]
+        if len(values) != len(completions):
+            raise ValueError(f"reward returned {len(values)} values for {len(completions)} completions")
+    except Exception as e:  # noqa: BLE001 - a user reward must not kill a long run
+        print(f"essa: reward raised {type(e).__name__}: {e}; scoring these completions as worst")
+        values = [float("nan")] * len(completions)
+    invalid = sum(1 for v in values if not math.isfinite(v))
+    return values, invalid
+
+
+class DataStream:
+    """Mini-batches drawn without replacement through the data, reshuffled (seeded) every epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng = n, np.random.Generator(np.random.PCG64(seed))
+        self.order = self.rng.permutation(n)
+        self.pos, self.epoch = 0, 0
+
+    def next(self, size: int) -> list[int]:
+        out = []
+        while len(out) < size:
+            if self.pos >= self.n:
+                self.order, self.pos, self.epoch = self.rng.permutation(self.n), 0, self.epoch + 1
+            take = min(size - len(out), self.n - self.pos)
+            out.extend(int(i) for i in self.order[self.pos:self.pos + take])
+            self.pos += take
+        return out
+
+    def state(self) -> tuple[dict, dict]:
+        return {"pos": self.pos, "epoch": self.epoch, "rng": self.rng.bit_generator.state}, {"data_order": self.order}
+
+    def load(self, meta: dict, arrays: dict):
+        self.pos, self.epoch = meta["pos"], meta["epoch"]
+        self.rng.bit_generator.state = meta["rng"]
+        self.order = arrays["data_order"]
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dict:
+    from tqdm import tqdm
+
+    from essa.rewards import resolve_reward
+    from essa.strategies import DEFAULT_SIGMA0, make_strategy
+
+    run_dir = Path(cfg.output_dir)
+    if resume_from is None and (run_dir / CHECKPOINT).exists():
+        raise EssaError(f"{run_dir} already holds a run; continue it with `essa train --resume {run_dir}` "
+                        f"or choose another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    task = get_task(cfg.task)
+    system_prompt = resolve_system_prompt(task, cfg.system_prompt)
+    reward_fn = resolve_reward(cfg.reward) if cfg.reward is not None else task.reward
+    pool = load_rows(task, cfg.train_data or task.rl_split)
+    if cfg.val_size >= len(pool):
+        raise EssaError(f"val_size {cfg.val_size} leaves no training data out of {len(pool)} rows; lower it")
+    val_rows, train_rows = seeded_split(pool, [cfg.val_size, len(pool) - cfg.val_size], cfg.seed + 12345)
+
+    engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,
+                          cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows)
+    genome = engine.genome
+    tok = engine.tokenizer
+    train_ids = chat_prompts(tok, [r["prompt"] for r in train_rows], system_prompt)
+    val_ids = chat_prompts(tok, [r["prompt"] for r in val_rows], system_prompt)
+    greedy_val = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, stop=cfg.generation.stop)
+
+    strategy = make_strategy(cfg.strategy, genome.dimension, cfg.popsize,
+                             cfg.sigma0 if cfg.sigma0 is not None else DEFAULT_SIGMA0, cfg.seed)
+    stream = DataStream(len(train_rows), cfg.seed)
+    st = {"generation": 0, "best_val": -math.inf, "best_val_generation": None, "best_fitness": -math.inf,
+          "wall_seconds": 0.0, "tokens": 0, "invalid_rewards": 0, "last_val_wall": 0.0}
+    best_offset = np.zeros(genome.dimension)       # best by validation
+    best_candidate = np.zeros(genome.dimension)    # highest mini-batch fitness seen
+    if resume_from is not None:
+        meta, arrays = resume_from
+        st.update(meta["loop"])
+        strategy.load_state_dict(meta["strategy"], {k[len("strategy/"):]: v for k, v in arrays.items() if k.startswith("strategy/")})
+        stream.load(meta["data"], {"data_order": arrays["data_order"]})
+        best_offset, best_candidate = arrays["best_offset"], arrays["best_candidate"]
+        _truncate_jsonl(run_dir / "metrics.jsonl", st["generation"])
+        _truncate_jsonl(run_dir / "samples.jsonl", st["generation"])
+        print(f"essa: resuming {run_dir} at generation {st['generation']}")
+
+    writer = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(run_dir / "tb"), purge_step=st["generation"] or None)
+        except ImportError:
+            writer = None
+
+    def validate(gen: int, offsets: dict[str, np.ndarray]) -> dict:
+        names = list(offsets)
+        outs = engine.generate(val_ids, np.stack([offsets[n] for n in names]), greedy_val)
+        res = {}
+        for name, per_prompt in zip(names, outs):
+            texts = [s[0].text for s in per_prompt]
+            res[name] = task.evaluate(val_rows, texts)["accuracy"]
+        return res
+
+    def log(record: dict):
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and v is not None and k != "generation" and math.isfinite(v):
+                    writer.add_scalar(k.replace("val_", "val/").replace("fitness_", "fitness/"), v, record["generation"])
+            writer.flush()
+
+    t_start = time.perf_counter() - st["wall_seconds"]
+    print(f"essa: genome dimension {genome.dimension} ({genome.info()['formula']}), strategy {cfg.strategy}, "
+          f"popsize {cfg.popsize}, batch {cfg.batch_size}; validation = {len(val_rows)} held-out rows of "
+          f"{task.name} train data (not test)")
+    if st["generation"] == 0 and resume_from is None:
+        v = validate(0, {"mean": np.zeros(genome.dimension)})
+        st["best_val"], st["best_val_generation"], st["last_val_wall"] = v["mean"], 0, time.perf_counter() - t_start
+        log({"generation": 0, "val_mean": v["mean"], "wall_seconds": round(time.perf_counter() - t_start, 3),
+             "tokens": st["tokens"], "sigma": strategy.sigma})
+        _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
+
+    while st["generation"] < cfg.generations:
+        if cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes:
+            print(f"essa: time budget of {cfg.max_minutes} min reached")
+            break
+        gen = st["generation"] + 1
+        X = strategy.ask()
+        K = len(X)
+        if cfg.shared_batch:
+            idx = stream.next(cfg.batch_size)
+            per_cand = [idx] * K
+        else:
+            per_cand = [stream.next(cfg.batch_size) for _ in range(K)]
+        pairs = [(k, i) for k in range(K) for i in per_cand[k]]
+        bar = tqdm(total=len(pairs), desc=f"gen {gen}/{cfg.generations}", unit="row", leave=False)
+        t_gen = time.perf_counter()
+        tok0 = engine.stats.useful_tokens
+
+        def progress(done, toks):
+            bar.update(done * 1 - bar.n)
+            bar.set_postfix(tok_s=f"{(toks - tok0) / max(time.perf_counter() - t_gen, 1e-9):.0f}")
+
+        comps = engine.generate_pairs(train_ids, X, pairs, cfg.generation, progress)
+        bar.close()
+        rows = [train_rows[i] for _, i in pairs]
+        texts = [c[0].text for c in comps]
+        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
+        values, invalid = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, columns)
+        arr = np.asarray(values, dtype=np.float64).reshape(K, cfg.batch_size)
+        valid = arr[np.isfinite(arr)]
+        worst = float(valid.min()) if valid.size else 0.0
+        arr = np.where(np.isfinite(arr), arr, worst)
+        fitness = arr.mean(axis=1)
+        strategy.tell(X, fitness)
+        gen_tokens = engine.stats.useful_tokens - tok0
+        st["tokens"] += gen_tokens
+        st["invalid_rewards"] += invalid
+        top = int(np.argmax(fitness))
+        if fitness[top] > st["best_fitness"]:
+            st["best_fitness"], best_candidate = float(fitness[top]), np.asarray(X[top], dtype=np.float64)
+        st["generation"] = gen
+        wall = time.perf_counter() - t_start
+        record = {"generation": gen, "fitness_mean": float(fitness.mean()), "fitness_max": float(fitness.max()),
+                  "fitness_min": float(fitness.min()), "fitness_std": float(fitness.std()), "sigma": float(strategy.sigma),
+                  "tokens_generated": gen_tokens, "tokens": st["tokens"], "invalid_rewards": invalid,
+                  "tokens_per_second": round(gen_tokens / max(time.perf_counter() - t_gen, 1e-9), 1),
+                  "wall_seconds": round(wall, 3), "epoch": stream.epoch}
+        due = gen % cfg.eval_every == 0 or gen == cfg.generations or (
+            cfg.eval_every_seconds is not None and wall - st["last_val_wall"] >= cfg.eval_every_seconds)
+        if due:
+            v = validate(gen, {"mean": np.asarray(strategy.mean), "best_candidate": best_candidate})
+            record.update({"val_mean": v["mean"], "val_best_candidate": v["best_candidate"]})
+            for name, off in (("mean", np.asarray(strategy.mean)), ("best_candidate", best_candidate)):
+                if v[name] > st["best_val"]:
+                    st["best_val"], st["best_val_generation"], best_offset = v[name], gen, np.array(off, dtype=np.float64)
+            record["best_val"] = st["best_val"]
+            st["last_val_wall"] = time.perf_counter() - t_start
+            record["wall_seconds"] = round(st["last_val_wall"], 3)
+        st["wall_seconds"] = time.perf_counter() - t_start
+        with open(run_dir / "samples.jsonl", "a") as f:
+            for j in range(min(cfg.samples_per_generation, cfg.batch_size)):
+                r = top * cfg.batch_size + j
+                f.write(json.dumps({"generation": gen, "candidate": top, "prompt": rows[r]["prompt"],
+                                    "completion": texts[r], "reward": values[r]}) + "\n")
+        log(record)
+        print(f"essa: gen {gen}: fitness mean {record['fitness_mean']:.4f} max {record['fitness_max']:.4f} "
+              f"sigma {record['sigma']:.4g}" + (f" val {record['val_mean']:.4f}" if "val_mean" in record else "")
+              + f" ({record['tokens_per_second']:.0f} tok/s)")
+        _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
+
+    # a validation of the final mean if the loop ended without one (time budget)
+    from essa.genome import export_adapter
+
+    final_mean = np.asarray(strategy.mean, dtype=np.float64)
+    best_dir = export_adapter(genome, best_offset, run_dir / "adapters" / "best", cfg.clamp_min,
+                              metadata={"selected_by": f"validation accuracy on {len(val_rows)} held-out train rows",
+                                        "generation": st["best_val_generation"], "val_accuracy": st["best_val"]})
+    final_dir = export_adapter(genome, final_mean, run_dir / "adapters" / "final", cfg.clamp_min,
+                               metadata={"generation": st["generation"]})
+    summary = {"run_dir": str(run_dir), "generations": st["generation"], "genome_dimension": genome.dimension,
+               "best_val": st["best_val"], "best_val_generation": st["best_val_generation"],
+               "selection_split": f"{len(val_rows)} rows held out from {task.name} RL/train data",
+               "wall_seconds": round(st["wall_seconds"], 2), "tokens_generated": st["tokens"],
+               "invalid_rewards": st["invalid_rewards"], "adapters": {"best": str(best_dir), "final": str(final_dir)}}
+    if cfg.test_limit != 0:
+        test_rows = load_rows(task, task.test_split, limit=cfg.test_limit)
+        test_ids = chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt)
+        outs = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]), greedy_val)
+        for name, per_prompt in zip(("sft", "best", "final"), outs):
+            m = task.evaluate(test_rows, [s[0].text for s in per_prompt])
+            summary[f"test_{name}"] = m["accuracy"]
+            write_jsonl_atomic(({"prompt": r["prompt"], "completion": s[0].text} for r, s in zip(test_rows, per_prompt)),
+                               run_dir / f"test-{name}.jsonl")
+        summary["test_n"] = len(test_rows)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if writer is not None:
+        writer.close()
+    return summary
+
+
+def _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate):
+    s_meta, s_arrays = strategy.state_dict()
+    d_meta, d_arrays = stream.state()
+    arrays = {f"strategy/{k}": v for k, v in s_arrays.items()}
+    arrays.update(d_arrays)
+    arrays["best_offset"], arrays["best_candidate"] = np.asarray(best_offset), np.asarray(best_candidate)
+    save_checkpoint(run_dir, {"loop": st, "strategy": s_meta, "data": d_meta}, arrays)
+
+
+def _truncate_jsonl(path: Path, generation: int):
+    """Keep only records up to `generation` (lines written after the last checkpoint are redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["generation"] <= generation]
+    _atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+
+
+def resume(run_dir: str) -> dict:
+    """Continue an interrupted run from its checkpoint, with the config it was started with."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise EssaError(f"{run_dir} has no config.json; pass the run directory of an `essa train` run")
+    ckpt = load_checkpoint(run_dir)
+    cfg = from_dict(TrainConfig, json.loads(cfg_path.read_text()))
+    return train(cfg, resume_from=ckpt)
