@@ -1,0 +1,466 @@
+"""`essa grpo`: the GRPO baseline, run through TRL's ``GRPOTrainer`` from the same SFT adapter as ESSA.
+
+What is shared with `essa train`, so that the two are comparable:
+
+- the base model (``essa.models.load_model``) and the SFT LoRA adapter as the starting point: it is
+  loaded with ``PeftModel.from_pretrained(..., is_trainable=True)``, so GRPO continues training LoRA
+  on the same modules with the same rank (all LoRA weights trainable, the base frozen);
+- the prompts: the task's RL split minus the same seeded validation carve-out (:func:`split_rl_data`),
+  wrapped in the same chat messages (system prompt, then the user prompt);
+- the reward: the same function (``resolve_reward``), called with the same arguments as ESSA's fitness
+  (user prompt texts, completion texts, the rows' other columns), invalid values (None/NaN or a
+  raising reward) scored as the worst valid reward of the batch, as ESSA does;
+- validation and test: the *same evaluator*. The current LoRA weights are saved as a PEFT folder and
+  installed, exactly like an ESSA candidate, into a ``PopulationEngine`` on a separate copy of the
+  base model (loaded and quantized like ``essa.evaluate.build_engine``): the same prompt token ids
+  (``chat_prompts``), greedy decoding, the same ``max_new_tokens``/stop strings, ``task.evaluate``.
+
+Run directory (same layout as `essa train`): ``config.json``, ``metrics.jsonl`` (one line per
+optimizer step: ``generation`` = step, ``reward_mean``, ``tokens``, ``wall_seconds`` ..., plus
+``val_mean``/``best_val`` at validations), ``adapters/best`` (best by validation) and
+``adapters/final`` (PEFT folders), ``test-{sft,best,final}.jsonl``, ``summary.json``; TRL's own
+checkpoints (adapter + optimizer) go to ``checkpoints/``.
+
+Batch sizes. The paper's GRPO baseline used lr 1e-5, a global (rollout) batch of 512 prompts and a
+mini-batch of 64 prompts per update, i.e. 8 optimizer steps per rollout batch. The defaults here keep
+lr and that 8:1 ratio, scaled to one GPU: an update sees ``per_device_batch × grad_accum`` = 64
+completions = 8 prompts × ``num_generations`` 8, and a rollout batch is ``updates_per_rollout`` = 8
+updates = 64 prompts (512 completions). ``max_steps`` counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from essa import EssaError
+from essa.config import help_field, to_dict
+from essa.engine import SamplingConfig
+
+#: optimizer steps per rollout batch in the paper: global batch 512 / mini batch 64
+PAPER_UPDATES_PER_ROLLOUT = 8
+
+
+@dataclass
+class GRPORunConfig:
+    """`essa grpo`: GRPO (TRL GRPOTrainer) on the LoRA of an SFT adapter, validated like `essa train`."""
+
+    # -- what to align (same meaning as in `essa train`)
+    model: str = help_field("smollm2-135m-instruct", "base model: alias, hub id or local folder")
+    adapter: str = help_field("", "SFT LoRA adapter folder (output of `essa sft`): the starting point; its LoRA keeps training")
+    task: str = help_field("gsm8k", "task: gsm8k | math | ifeval (data splits, prompts, default reward, metrics)")
+    reward: str | list | None = help_field(None, "reward: null = the task's reward; a task name; 'module:function'; "
+                                           "'reward_model:PATH'; or a list of {reward, weight} (as in `essa train`)")
+    system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
+    train_data: str | None = help_field(None, "RL prompts: split name, .jsonl or HF id (default: the task's RL split)")
+    val_size: int = help_field(200, "validation examples carved (seeded, as in `essa train`) from the RL data; never trained on")
+    test_limit: int | None = help_field(None, "test examples for the final report (null = all, 0 = skip test)")
+    generation: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=256),
+        metadata={"help": "max_new_tokens: rollout length (TRL max_completion_length) and validation/test length; "
+                          "stop: stop strings of validation/test (TRL rollouts end at EOS or length only); "
+                          "the other fields are not used (rollouts sample with `temperature`/`top_p`, "
+                          "validation is greedy as in `essa train`)"})
+    # -- GRPO (TRL GRPOConfig)
+    lr: float = help_field(1e-5, "learning rate of the LoRA weights (paper: 1e-5)")
+    lr_scheduler: str = help_field("constant", "transformers lr scheduler: constant | linear | cosine ... "
+                                   "(constant: a time budget does not change the schedule)")
+    num_generations: int = help_field(8, "completions sampled per prompt (the GRPO group size)")
+    per_device_batch: int = help_field(16, "completions per forward/backward micro-batch (lower it if memory is short)")
+    grad_accum: int = help_field(4, "micro-batches per optimizer step; per_device_batch*grad_accum completions per "
+                                 "update must be a multiple of num_generations (default 64 = 8 prompts x 8)")
+    updates_per_rollout: int = help_field(PAPER_UPDATES_PER_ROLLOUT, "optimizer steps per rollout (generation) batch; "
+                                          "paper: global batch 512 / mini batch 64 = 8; 1 = fully on-policy")
+    temperature: float = help_field(1.0, "rollout sampling temperature (TRL default 1.0; must be > 0: greedy "
+                                     "rollouts give identical groups and no learning signal)")
+    top_p: float = help_field(1.0, "rollout nucleus sampling")
+    beta: float = help_field(0.0, "KL coefficient against the SFT adapter (TRL default 0.0 = no reference model; "
+                             "DeepSeek-R1 used 0.001)")
+    loss_type: str = help_field("dapo", "TRL loss aggregation: dapo (TRL default; token mean over the batch, as "
+                                "verl's default) | grpo | dr_grpo | bnpo ...")
+    max_steps: int = help_field(200, "optimizer steps (the time budget may stop earlier)")
+    max_grad_norm: float = help_field(1.0, "gradient clipping")
+    gradient_checkpointing: bool = help_field(True, "recompute activations in the backward pass (TRL default; saves memory)")
+    trl_args: dict = help_field({}, "extra trl.GRPOConfig arguments, e.g. {use_vllm: true, scale_rewards: batch}")
+    # -- validation, logging, budget
+    eval_every_steps: int | None = help_field(10, "validate every N optimizer steps (and at start and end); null = only by time")
+    eval_every_seconds: float | None = help_field(None, "also validate when this much wall-clock time passed since the last validation")
+    max_minutes: float | None = help_field(None, "stop after this wall-clock budget (minutes), then validate and export")
+    save_every_steps: int | None = help_field(50, "TRL checkpoint (adapter + optimizer) every N steps in checkpoints/; null = none")
+    tensorboard: bool = help_field(False, "let TRL write TensorBoard logs to OUTPUT_DIR/checkpoints/runs")
+    # -- run
+    output_dir: str = help_field("runs/grpo", "run directory: metrics, checkpoints, adapters, summary")
+    seed: int = help_field(0, "seed of the data order, the validation split and the sampling")
+    device: str = help_field("auto", "auto | cpu | cuda (one device; for another GPU set CUDA_VISIBLE_DEVICES)")
+    dtype: str = help_field("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 (base weights; LoRA trains in fp32)")
+    quantization: str = help_field("none", "base-weight quantization of the validation/test engine only "
+                                   "(use the same value as the ESSA run you compare with): none | int8 | int4")
+    memory_budget_gb: float | None = help_field(None, "memory the validation engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
+    max_batch_rows: int | None = help_field(None, "cap on rows per validation micro-batch")
+
+    def validate(self):
+        if not self.adapter:
+            raise EssaError("config needs `adapter`: the SFT LoRA adapter folder (run `essa sft` first)")
+        if self.num_generations < 2:
+            raise EssaError(f"num_generations must be >= 2 (GRPO compares completions within a group), got {self.num_generations}")
+        if self.per_device_batch < 1 or self.grad_accum < 1 or self.updates_per_rollout < 1 or self.max_steps < 1:
+            raise EssaError("per_device_batch, grad_accum, updates_per_rollout and max_steps must be >= 1")
+        if (self.per_device_batch * self.grad_accum) % self.num_generations:
+            raise EssaError(f"per_device_batch*grad_accum = {self.per_device_batch * self.grad_accum} completions per "
+                            f"update is not a multiple of num_generations {self.num_generations}; change one of them")
+        if self.temperature <= 0:
+            raise EssaError(f"temperature must be > 0 for GRPO rollouts (got {self.temperature}); use e.g. 1.0")
+        if self.eval_every_steps is not None and self.eval_every_steps < 1:
+            raise EssaError("eval_every_steps must be >= 1 or null")
+        if self.device.startswith("cuda:") and self.device != "cuda:0":
+            raise EssaError(f"device {self.device!r}: GRPO runs on the first visible GPU; "
+                            f"select it with CUDA_VISIBLE_DEVICES and use device: cuda")
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+def split_rl_data(task, train_data: str | None, val_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(validation rows, training rows): the task's RL data minus a seeded validation carve-out.
+
+    The same code path as ``essa.trainer.train`` (same source, sizes and seed ``seed + 12345``), so an
+    ESSA and a GRPO run with the same settings validate on the same rows and train on the same rest.
+    """
+    from essa.tasks import load_rows, seeded_split
+
+    pool = load_rows(task, train_data or task.rl_split)
+    if val_size >= len(pool):
+        raise EssaError(f"val_size {val_size} leaves no training data out of {len(pool)} rows; lower it")
+    val_rows, train_rows = seeded_split(pool, [val_size, len(pool) - val_size], seed + 12345)
+    return val_rows, train_rows
+
+
+def _text(x) -> str:
+    """A TRL conversational prompt/completion (list of messages) as the text of its last message."""
+    if isinstance(x, list):
+        return x[-1]["content"] if x else ""
+    return x
+
+
+class EssaReward:
+    """The essa reward behind TRL's reward interface, called exactly as `essa train` calls it.
+
+    TRL passes conversational prompts/completions and dataset columns; the wrapped reward gets the
+    user prompt texts, the completion texts and the original rows' columns (looked up by the
+    ``essa_row`` index, so nested columns are not altered by Arrow). Invalid values become the
+    batch's worst valid reward. Also counts generated tokens and the batch reward mean for logging.
+    """
+
+    __name__ = "essa_reward"
+
+    def __init__(self, reward_fn, rows: list[dict]):
+        self.reward_fn, self.rows = reward_fn, rows
+        self.tokens = 0
+        self.invalid = 0
+        self._pending: list[float] = []
+
+    def __call__(self, prompts, completions, completion_ids=None, essa_row=None, **_):
+        from essa.trainer import safe_rewards
+
+        rows = [self.rows[int(i)] for i in essa_row]
+        texts = [_text(c) for c in completions]
+        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
+        values, invalid = safe_rewards(self.reward_fn, [r["prompt"] for r in rows], texts, columns)
+        valid = [v for v in values if math.isfinite(v)]
+        worst = min(valid) if valid else 0.0
+        values = [v if math.isfinite(v) else worst for v in values]
+        self.invalid += invalid
+        self.tokens += sum(len(ids) for ids in (completion_ids or []))
+        self._pending.extend(values)
+        return values
+
+    def take(self) -> dict:
+        """Reward statistics of the rollouts scored since the last call."""
+        vals, self._pending = self._pending, []
+        if not vals:
+            return {}
+        mean = sum(vals) / len(vals)
+        return {"reward_mean": mean, "reward_std": math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)),
+                "reward_max": max(vals), "reward_min": min(vals)}
+
+
+def _replace_dir(src: Path, dst: Path):
+    """Move a complete folder into place (the old one is removed first)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+def save_adapter(peft_model, out_dir: Path, metadata: dict | None = None) -> Path:
+    """The trained (default) LoRA adapter as a PEFT folder, written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
+        if metadata:
+            (tmp / "essa_grpo.json").write_text(json.dumps(metadata, indent=2))
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+class Validator:
+    """Greedy validation/test of PEFT adapter folders with essa's engine, as `essa train` does.
+
+    Holds its own copy of the base model (loaded and quantized like ``build_engine``); each call
+    installs the adapter's SVD genome at zero offset (= the adapter itself) and generates.
+    """
+
+    def __init__(self, cfg: GRPORunConfig, task, system_prompt):
+        from essa.engine import chat_prompts
+        from essa.models import load_model, quantize_model
+
+        self.cfg, self.task, self.system_prompt = cfg, task, system_prompt
+        self.model, self.tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        quantize_model(self.model, cfg.quantization)
+        self.model.requires_grad_(False)
+        self.sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, stop=cfg.generation.stop)
+        self._chat_prompts = chat_prompts
+        self.tokens = 0
+
+    def run(self, adapter_dir, rows: list[dict], prompt_ids=None) -> tuple[dict, list[str]]:
+        import torch
+
+        from essa.engine import PopulationEngine
+        from essa.genome import load_genome
+
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        engine = PopulationEngine(self.model, self.tokenizer, load_genome(adapter_dir), clamp_min=None,
+                                  memory_budget_gb=self.cfg.memory_budget_gb, max_batch_rows=self.cfg.max_batch_rows)
+        ids = prompt_ids if prompt_ids is not None else self.prompt_ids(rows)
+        (per_prompt,) = engine.generate(ids, None, self.sampling)
+        texts = [s[0].text for s in per_prompt]
+        self.tokens += engine.stats.useful_tokens
+        return self.task.evaluate(rows, texts), texts
+
+    def prompt_ids(self, rows: list[dict]):
+        return self._chat_prompts(self.tokenizer, [r["prompt"] for r in rows], self.system_prompt)
+
+
+# ------------------------------------------------------------------------------ the run
+
+def _grpo_args(cfg: GRPORunConfig, run_dir: Path, use_bf16: bool, on_cpu: bool):
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    bad = [k for k in cfg.trl_args if k not in names]
+    if bad:
+        raise EssaError(f"trl_args key {bad[0]!r} is not a trl.GRPOConfig argument; check its name in TRL's GRPOConfig docs")
+    save = bool(cfg.save_every_steps)
+    kwargs = dict(
+        output_dir=str(run_dir / "checkpoints"), learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch, gradient_accumulation_steps=cfg.grad_accum,
+        steps_per_generation=cfg.grad_accum * cfg.updates_per_rollout, num_generations=cfg.num_generations,
+        max_completion_length=cfg.generation.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        beta=cfg.beta, loss_type=cfg.loss_type, gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=1, save_strategy="steps" if save else "no", save_steps=cfg.save_every_steps or 500,
+        save_total_limit=2 if save else None, report_to=["tensorboard"] if cfg.tensorboard else "none",
+        seed=cfg.seed, data_seed=cfg.seed, bf16=use_bf16, fp16=False, use_cpu=on_cpu,
+        remove_unused_columns=False, disable_tqdm=False, log_completions=False,
+    )
+    kwargs.update(cfg.trl_args)
+    try:
+        return GRPOConfig(**kwargs)
+    except ValueError as e:
+        raise EssaError(f"invalid GRPO settings: {str(e).splitlines()[0]}") from None
+
+
+def _import_trl():
+    try:
+        import trl  # noqa: F401
+        from trl import GRPOTrainer
+    except ImportError:
+        raise EssaError("essa grpo needs TRL: run `pip install 'essa[grpo]'` (or `pip install trl datasets`)") from None
+    return GRPOTrainer
+
+
+def run_grpo(cfg: GRPORunConfig) -> dict:
+    """Train with GRPO, validate like ESSA, export best/final adapters, test; returns the summary."""
+    import torch
+    from peft import PeftModel
+    from transformers import TrainerCallback
+
+    from essa.evaluate import resolve_system_prompt, write_jsonl_atomic
+    from essa.models import load_model
+    from essa.rewards import resolve_reward
+    from essa.tasks import get_task, load_rows
+
+    GRPOTrainer = _import_trl()
+    import trl
+    from datasets import Dataset
+
+    run_dir = Path(cfg.output_dir)
+    if (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
+        raise EssaError(f"{run_dir} already holds a run; choose another output_dir or delete that folder")
+    if not (Path(cfg.adapter) / "adapter_config.json").exists():
+        raise EssaError(f"{cfg.adapter!r} is not a PEFT adapter folder (no adapter_config.json); "
+                        f"pass the output folder of `essa sft`")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    task = get_task(cfg.task)
+    system_prompt = resolve_system_prompt(task, cfg.system_prompt)
+    reward_fn = resolve_reward(cfg.reward) if cfg.reward is not None else task.reward
+    val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
+    if cfg.generation.stop:
+        print("essa grpo: generation.stop applies to validation/test only; TRL rollouts end at EOS or max_new_tokens")
+
+    def messages(prompt: str) -> list[dict]:
+        return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}]
+
+    dataset = Dataset.from_list([{"prompt": messages(r["prompt"]), "essa_row": i} for i, r in enumerate(train_rows)])
+    reward = EssaReward(reward_fn, train_rows)
+
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    on_cpu = model.device.type == "cpu"
+    use_bf16 = not on_cpu and next(model.base_model.parameters()).dtype == torch.bfloat16
+    args = _grpo_args(cfg, run_dir, use_bf16, on_cpu)
+
+    validator = Validator(cfg, task, system_prompt)
+    val_ids = validator.prompt_ids(val_rows)
+    adapters = run_dir / "adapters"
+    st = {"step": 0, "best_val": -math.inf, "best_val_step": None, "last_val_wall": 0.0, "wall": 0.0,
+          "validations": 0, "stopped_by_budget": False}
+    pending: dict = {}
+
+    def validate(peft_model, step: int) -> float:
+        adapters.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".current-", dir=adapters))
+        try:
+            peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
+            acc = validator.run(tmp, val_rows, val_ids)[0]["accuracy"]
+            st["validations"] += 1
+            if acc > st["best_val"]:
+                st["best_val"], st["best_val_step"] = acc, step
+                (tmp / "essa_grpo.json").write_text(json.dumps({
+                    "selected_by": f"validation accuracy on {len(val_rows)} held-out train rows",
+                    "generation": step, "val_accuracy": acc}, indent=2))
+                _replace_dir(tmp, adapters / "best")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return acc
+
+    def log(record: dict):
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    class EssaCallback(TrainerCallback):
+        """Validation every eval_every_steps / eval_every_seconds, the time budget, metrics.jsonl."""
+
+        def __init__(self):
+            self.t0 = None
+            self.trainer = None
+
+        def _model(self):
+            return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+        def elapsed(self) -> float:
+            return time.perf_counter() - self.t0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            v = validate(self._model(), 0)
+            st["last_val_wall"] = self.elapsed()
+            log({"generation": 0, "val_mean": v, "best_val": st["best_val"], "tokens": 0,
+                 "wall_seconds": round(st["last_val_wall"], 3)})
+
+        def on_step_end(self, args, state, control, **kw):
+            self.flush()
+            step = state.global_step
+            st["step"] = step
+            wall = self.elapsed()
+            if cfg.max_minutes is not None and wall > 60 * cfg.max_minutes:
+                print(f"essa grpo: time budget of {cfg.max_minutes} min reached at step {step}")
+                control.should_training_stop = True
+                st["stopped_by_budget"] = True
+            last = control.should_training_stop or step >= state.max_steps
+            due = last or (cfg.eval_every_steps is not None and step % cfg.eval_every_steps == 0) or (
+                cfg.eval_every_seconds is not None and wall - st["last_val_wall"] >= cfg.eval_every_seconds)
+            rec = {"generation": step, **reward.take(), "tokens_generated": reward.tokens - st.get("tokens_logged", 0),
+                   "tokens": reward.tokens, "invalid_rewards": reward.invalid}
+            st["tokens_logged"] = reward.tokens
+            if due:
+                v = validate(self._model(), step)
+                st["last_val_wall"] = self.elapsed()
+                rec.update({"val_mean": v, "best_val": st["best_val"]})
+            st["wall"] = self.elapsed()
+            rec["wall_seconds"] = round(st["wall"], 3)
+            rec["tokens_per_second"] = round(reward.tokens / max(st["wall"], 1e-9), 1)
+            pending.clear()
+            pending.update(rec)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not pending or not logs or "train_runtime" in logs:
+                return
+            for key, name in (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_norm"), ("kl", "kl"),
+                              ("entropy", "entropy"), ("completions/mean_length", "completion_mean_length"),
+                              ("completions/clipped_ratio", "clipped_ratio"), ("frac_reward_zero_std", "frac_reward_zero_std")):
+                v = logs.get(key)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    pending[name] = float(v)
+            self.flush()
+
+        def flush(self):
+            if pending:
+                log(dict(pending))
+                pending.clear()
+
+    callback = EssaCallback()
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[callback])
+    callback.trainer = trainer
+    if use_bf16 is False and not on_cpu:
+        print("essa grpo: training without bf16 autocast (base weights are not bf16)")
+    print(f"essa grpo: TRL {trl.__version__}; group size {cfg.num_generations}, "
+          f"{cfg.per_device_batch * cfg.grad_accum // cfg.num_generations} prompts per update, "
+          f"{cfg.updates_per_rollout} updates per rollout batch, lr {cfg.lr}; validation = {len(val_rows)} held-out "
+          f"rows of {task.name} train data (not test)")
+    if torch.cuda.is_available() and not on_cpu:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    callback.flush()
+
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    final_dir = save_adapter(peft_model, adapters / "final", {"generation": st["step"]})
+    if not (adapters / "best").exists():  # cannot happen after a validation; kept for safety
+        shutil.copytree(final_dir, adapters / "best")
+    summary = {"run_dir": str(run_dir), "method": "grpo", "trl_version": trl.__version__,
+               "generations": st["step"], "steps": st["step"], "best_val": st["best_val"],
+               "best_val_generation": st["best_val_step"],
+               "selection_split": f"{len(val_rows)} rows held out from {task.name} RL/train data",
+               "wall_seconds": round(st["wall"], 2), "tokens_generated": reward.tokens,
+               "invalid_rewards": reward.invalid, "stopped_by_budget": st["stopped_by_budget"],
+               "adapters": {"best": str(adapters / "best"), "final": str(final_dir)}}
+    del trainer, model, peft_model
+    if cfg.test_limit != 0:
+        test_rows = load_rows(task, task.test_split, limit=cfg.test_limit)
+        test_ids = validator.prompt_ids(test_rows)
+        for name, folder in (("sft", cfg.adapter), ("best", adapters / "best"), ("final", final_dir)):
+            metrics, texts = validator.run(folder, test_rows, test_ids)
+            summary[f"test_{name}"] = metrics["accuracy"]
+            write_jsonl_atomic(({"prompt": r["prompt"], "completion": t} for r, t in zip(test_rows, texts)),
+                               run_dir / f"test-{name}.jsonl")
+        summary["test_n"] = len(test_rows)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
