@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
 
     task = get_task(cfg.task)
     system_prompt = resolve_system_prompt(task, cfg.system_prompt)
-    reward_fn = resolve_reward(cfg.reward) if cfg.reward is not None else task.reward
+    reward_fn = resolve_reward(cfg.reward, device=cfg.device) if cfg.reward is not None else task.reward
     pool = load_rows(task, cfg.train_data or task.rl_split)
     if cfg.val_size >= len(pool):
         raise EssaError(f"val_size {cfg.val_size} leaves no training data out of {len(pool)} rows; lower it")
