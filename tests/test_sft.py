@@ -21,8 +21,8 @@ def tok(tiny_model_dir):
 
 
 def _cfg(model, out, **kw):
-    base = dict(model=model, output_dir=str(out), max_steps=2, batch_size=4, max_length=256, limit=8,
-                progress=False)
+    base = dict(model=model, output_dir=str(out), max_steps=2, batch_size=4, grad_accum=1, max_length=256,
+                limit=8, progress=False)
     return SFTConfig(**{**base, **kw})
 
 
@@ -104,6 +104,19 @@ def test_run_sft_tiny_writes_loadable_adapter(tiny_model_dir, tmp_path):
     assert genome.dimension == 2 * 4 * 2 * 8  # tiny llama: 2 layers x q/k/v/o x 2 factors x r
 
 
+def test_grad_accum_and_checkpointing_match_one_big_batch(tiny_model_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    runs = {"big": dict(batch_size=4, grad_accum=1), "accum": dict(batch_size=2, grad_accum=2),
+            "ckpt": dict(batch_size=2, grad_accum=2, gradient_checkpointing=True)}
+    weights = {}
+    for name, kw in runs.items():
+        out = run_sft(_cfg(tiny_model_dir, tmp_path / name, data=data, lr=1e-3, tensorboard=False, **kw))
+        weights[name] = load_file(str(out / "adapter_model.safetensors"))
+    for name in ("accum", "ckpt"):  # same token-mean loss, so the same update up to float error
+        for key, value in weights["big"].items():
+            torch.testing.assert_close(weights[name][key], value, atol=1e-6, rtol=1e-4)
+
+
 def test_refuses_to_overwrite(tiny_model_dir, tmp_path):
     out = tmp_path / "sft"
     out.mkdir()
@@ -152,8 +165,8 @@ def test_real_sft_lowers_loss_and_genome_roundtrips(real_model_name, tmp_path):
     out = tmp_path / "sft"
     # 2 GSM8K SFT rows, 4 steps of batch 2 (4 epochs) at a constant lr 2e-3: the drop is unmistakable.
     # (Kept tiny: a step costs ~3 s on 2 free CPU cores, several times more on a busy machine.)
-    cfg = SFTConfig(model=real_model_name, output_dir=str(out), max_steps=4, batch_size=2, max_length=256,
-                    limit=2, lr=2e-3, scheduler="constant", warmup_ratio=0.0, progress=False, tensorboard=False)
+    cfg = SFTConfig(model=real_model_name, output_dir=str(out), max_steps=4, batch_size=2, grad_accum=1,
+                    max_length=256, limit=2, lr=2e-3, scheduler="constant", warmup_ratio=0.0, progress=False, tensorboard=False)
     run_sft(cfg)
 
     model, tok = load_model(real_model_name, device="cpu")

@@ -1,4 +1,4 @@
-"""The `essa` command line: sft · genome info · eval · train · report · data · demo."""
+"""The `essa` command line: sft · genome info · eval · train · grpo · compare · report · data · demo."""
 
 from __future__ import annotations
 
@@ -70,6 +70,24 @@ def cmd_train(args):
     print(json.dumps(summary, indent=2))
 
 
+def cmd_grpo(args):
+    from essa.grpo import GRPORunConfig, run_grpo
+
+    if not args.config and not args.set:
+        raise EssaError("essa grpo needs --config FILE.yaml (fields: essa.grpo.GRPORunConfig; e.g. the shared and grpo: parts of configs/compare-gsm8k.yaml)")
+    data = load_yaml(args.config) if args.config else {}
+    print(json.dumps(run_grpo(from_dict(GRPORunConfig, apply_overrides(data, args.set))), indent=2))
+
+
+def cmd_compare(args):
+    from essa.compare import run_compare
+
+    if not args.config:
+        raise EssaError("essa compare needs --config FILE.yaml (see configs/compare-gsm8k.yaml)")
+    data = apply_overrides(load_yaml(args.config), args.set)
+    print(json.dumps(run_compare(data, args.budget_minutes), indent=2))
+
+
 def cmd_report(args):
     from essa.report import write_report
 
@@ -108,9 +126,10 @@ def cmd_demo(args):
 def cmd_config_help(args):
     from essa.evaluate import EvalConfig
     from essa.sft import SFTConfig
+    from essa.grpo import GRPORunConfig
     from essa.trainer import TrainConfig
 
-    cls = {"train": TrainConfig, "sft": SFTConfig, "eval": EvalConfig}[args.which]
+    cls = {"train": TrainConfig, "sft": SFTConfig, "eval": EvalConfig, "grpo": GRPORunConfig}[args.which]
     print(help_text(cls))
 
 
@@ -145,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.set_defaults(func=cmd_train)
 
+    gr = sub.add_parser("grpo", help="GRPO baseline (TRL GRPOTrainer) from the same SFT adapter, validated like train")
+    gr.add_argument("--config", help="YAML config (fields: see essa.grpo.GRPORunConfig)")
+    gr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, repeatable")
+    gr.set_defaults(func=cmd_grpo)
+
+    cp = sub.add_parser("compare", help="ESSA vs GRPO for the same wall-clock budget: curves, test, time-to-threshold")
+    cp.add_argument("--config", help="YAML: shared fields + `essa:` and `grpo:` sections (see configs/compare-gsm8k.yaml)")
+    cp.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                    help="training wall-clock budget of each method (overrides budget_minutes in the config)")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field (dotted for sections, e.g. essa.popsize=32), repeatable")
+    cp.set_defaults(func=cmd_compare)
+
     r = sub.add_parser("report", help="plots (PNG) and a markdown summary of a run")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
@@ -166,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config-help", help="list every config field with its help")
-    c.add_argument("which", choices=["train", "sft", "eval"])
+    c.add_argument("which", choices=["train", "sft", "eval", "grpo"])
     c.set_defaults(func=cmd_config_help)
     return p
 

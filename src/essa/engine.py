@@ -170,11 +170,19 @@ class PopulationEngine:
     """
 
     def __init__(self, model, tokenizer, genome: Genome | None = None, clamp_min: float | None = None,
-                 memory_budget_gb: float | None = None, max_batch_rows: int | None = None):
+                 memory_budget_gb: float | None = None, max_batch_rows: int | None = None,
+                 fast: bool | None = None):
+        """fast: the hand-written static-cache decode path (``essa.fast_decode``) instead of HF forward;
+        None = when the architecture is supported, True = required (EssaError if unsupported)."""
         self.model, self.tokenizer, self.genome, self.clamp_min = model, tokenizer, genome, clamp_min
         self.device = next(model.parameters()).device
         self.wrappers = install_population_lora(model, genome) if genome is not None else []
         self.lora_dtype = self.wrappers[0].M.dtype if self.wrappers else None
+        self._fast = None
+        if fast or fast is None:
+            from essa import fast_decode
+            if fast or fast_decode.fast_supported(model, self.wrappers):
+                self._fast = fast_decode.FastDecoder(model, self.wrappers)  # before the memory budget
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._kv_bytes_per_token = self._kv_bytes(cfg)
         self.memory_budget = self._memory_budget(memory_budget_gb)
@@ -302,6 +310,9 @@ class PopulationEngine:
         """The hot loop: prefill the chunk, then one forward per new token until every row ended."""
         from transformers import DynamicCache
 
+        if self._fast is not None and self._fast.can_run(max(len(prompt_ids[p]) for _, p, _ in chunk)
+                                                         + cfg.max_new_tokens):
+            return self._fast.decode(self, chunk, prompt_ids, s_A, s_B, cfg)
         dev, N = self.device, len(chunk)
         lens = [len(prompt_ids[p]) for _, p, _ in chunk]
         T = max(lens)
@@ -368,15 +379,17 @@ class PopulationEngine:
                 next_pos = next_pos + 1
         finally:
             self._set_rows(None, None)
+        return self._completions(generated, finish, stop_strings)
+
+    def _completions(self, generated: list[list[int]], finish: list[str], stop_strings: list[str]) -> list[Completion]:
         results = []
-        for row in range(N):
-            toks = generated[row]
+        for toks, reason in zip(generated, finish):
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            if finish[row] == "stop":
+            if reason == "stop":
                 cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
                 text = text[:cut] if cut >= 0 else text
             self.stats.useful_tokens += len(toks)
-            results.append(Completion(text=text, token_ids=toks, finish_reason=finish[row]))
+            results.append(Completion(text=text, token_ids=toks, finish_reason=reason))
         return results
 
     def _hit_stop(self, toks: list[int], stops: list[str], window: int) -> bool:

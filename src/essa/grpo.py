@@ -5,7 +5,7 @@ What is shared with `essa train`, so that the two are comparable:
 - the base model (``essa.models.load_model``) and the SFT LoRA adapter as the starting point: it is
   loaded with ``PeftModel.from_pretrained(..., is_trainable=True)``, so GRPO continues training LoRA
   on the same modules with the same rank (all LoRA weights trainable, the base frozen);
-- the prompts: the task's RL split minus the same seeded validation carve-out (:func:`split_rl_data`),
+- the prompts: the task's RL split minus the same seeded validation carve-out (:func:`essa.tasks.split_rl_data`),
   wrapped in the same chat messages (system prompt, then the user prompt);
 - the reward: the same function (``resolve_reward``), called with the same arguments as ESSA's fitness
   (user prompt texts, completion texts, the rows' other columns), invalid values (None/NaN or a
@@ -124,21 +124,6 @@ class GRPORunConfig:
 
 
 # ------------------------------------------------------------------------------ shared pieces
-
-def split_rl_data(task, train_data: str | None, val_size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(validation rows, training rows): the task's RL data minus a seeded validation carve-out.
-
-    The same code path as ``essa.trainer.train`` (same source, sizes and seed ``seed + 12345``), so an
-    ESSA and a GRPO run with the same settings validate on the same rows and train on the same rest.
-    """
-    from essa.tasks import load_rows, seeded_split
-
-    pool = load_rows(task, train_data or task.rl_split)
-    if val_size >= len(pool):
-        raise EssaError(f"val_size {val_size} leaves no training data out of {len(pool)} rows; lower it")
-    val_rows, train_rows = seeded_split(pool, [val_size, len(pool) - val_size], seed + 12345)
-    return val_rows, train_rows
-
 
 def _text(x) -> str:
     """A TRL conversational prompt/completion (list of messages) as the text of its last message."""
@@ -316,7 +301,9 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
 
     task = get_task(cfg.task)
     system_prompt = resolve_system_prompt(task, cfg.system_prompt)
-    reward_fn = resolve_reward(cfg.reward) if cfg.reward is not None else task.reward
+    reward_fn = resolve_reward(cfg.reward, device=cfg.device) if cfg.reward is not None else task.reward
+    from essa.tasks import split_rl_data
+
     val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
     if cfg.generation.stop:
         print("essa grpo: generation.stop applies to validation/test only; TRL rollouts end at EOS or max_new_tokens")
@@ -381,7 +368,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
             v = validate(self._model(), 0)
-            st["last_val_wall"] = self.elapsed()
+            st["last_val_wall"] = st["step_start"] = self.elapsed()
             log({"generation": 0, "val_mean": v, "best_val": st["best_val"], "tokens": 0,
                  "wall_seconds": round(st["last_val_wall"], 3)})
 
@@ -390,23 +377,27 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
             step = state.global_step
             st["step"] = step
             wall = self.elapsed()
-            if cfg.max_minutes is not None and wall > 60 * cfg.max_minutes:
-                print(f"essa grpo: time budget of {cfg.max_minutes} min reached at step {step}")
-                control.should_training_stop = True
-                st["stopped_by_budget"] = True
-            last = control.should_training_stop or step >= state.max_steps
-            due = last or (cfg.eval_every_steps is not None and step % cfg.eval_every_steps == 0) or (
-                cfg.eval_every_seconds is not None and wall - st["last_val_wall"] >= cfg.eval_every_seconds)
+            step_seconds = wall - st.get("step_start", 0.0)
             rec = {"generation": step, **reward.take(), "tokens_generated": reward.tokens - st.get("tokens_logged", 0),
                    "tokens": reward.tokens, "invalid_rewards": reward.invalid}
+            rec["tokens_per_second"] = round(rec["tokens_generated"] / max(step_seconds, 1e-9), 1)
             st["tokens_logged"] = reward.tokens
-            if due:
-                v = validate(self._model(), step)
-                st["last_val_wall"] = self.elapsed()
-                rec.update({"val_mean": v, "best_val": st["best_val"]})
-            st["wall"] = self.elapsed()
+            due = control.should_training_stop or step >= state.max_steps or (
+                cfg.eval_every_steps is not None and step % cfg.eval_every_steps == 0) or (
+                cfg.eval_every_seconds is not None and wall - st["last_val_wall"] >= cfg.eval_every_seconds)
+            # as in `essa train`: validate if due, then check the budget; a run stopped by the budget
+            # is also validated at its last step
+            for check_budget in (False, True):
+                if check_budget and cfg.max_minutes is not None and self.elapsed() > 60 * cfg.max_minutes:
+                    print(f"essa grpo: time budget of {cfg.max_minutes} min reached at step {step}")
+                    control.should_training_stop = st["stopped_by_budget"] = True
+                    due = "val_mean" not in rec
+                if due and "val_mean" not in rec:
+                    v = validate(self._model(), step)
+                    st["last_val_wall"] = self.elapsed()
+                    rec.update({"val_mean": v, "best_val": st["best_val"]})
+            st["wall"] = st["step_start"] = self.elapsed()
             rec["wall_seconds"] = round(st["wall"], 3)
-            rec["tokens_per_second"] = round(reward.tokens / max(st["wall"], 1e-9), 1)
             pending.clear()
             pending.update(rec)
 
@@ -430,14 +421,10 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[callback])
     callback.trainer = trainer
-    if use_bf16 is False and not on_cpu:
-        print("essa grpo: training without bf16 autocast (base weights are not bf16)")
     print(f"essa grpo: TRL {trl.__version__}; group size {cfg.num_generations}, "
           f"{cfg.per_device_batch * cfg.grad_accum // cfg.num_generations} prompts per update, "
           f"{cfg.updates_per_rollout} updates per rollout batch, lr {cfg.lr}; validation = {len(val_rows)} held-out "
           f"rows of {task.name} train data (not test)")
-    if torch.cuda.is_available() and not on_cpu:
-        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     callback.flush()
 
@@ -452,7 +439,13 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
                "wall_seconds": round(st["wall"], 2), "tokens_generated": reward.tokens,
                "invalid_rewards": reward.invalid, "stopped_by_budget": st["stopped_by_budget"],
                "adapters": {"best": str(adapters / "best"), "final": str(final_dir)}}
+    callback.trainer = None
     del trainer, model, peft_model
+    if not on_cpu:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     if cfg.test_limit != 0:
         test_rows = load_rows(task, task.test_split, limit=cfg.test_limit)
         test_ids = validator.prompt_ids(test_rows)

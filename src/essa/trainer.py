@@ -31,7 +31,7 @@ from essa import EssaError
 from essa.config import from_dict, help_field, to_dict
 from essa.engine import SamplingConfig, chat_prompts
 from essa.evaluate import build_engine, resolve_system_prompt, write_jsonl_atomic
-from essa.tasks import get_task, load_rows, seeded_split
+from essa.tasks import get_task, load_rows, split_rl_data
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -177,10 +177,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
     task = get_task(cfg.task)
     system_prompt = resolve_system_prompt(task, cfg.system_prompt)
     reward_fn = resolve_reward(cfg.reward, device=cfg.device) if cfg.reward is not None else task.reward
-    pool = load_rows(task, cfg.train_data or task.rl_split)
-    if cfg.val_size >= len(pool):
-        raise EssaError(f"val_size {cfg.val_size} leaves no training data out of {len(pool)} rows; lower it")
-    val_rows, train_rows = seeded_split(pool, [cfg.val_size, len(pool) - cfg.val_size], cfg.seed + 12345)
+    val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
 
     engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,
                           cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows)
@@ -194,7 +191,8 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
                              cfg.sigma0 if cfg.sigma0 is not None else DEFAULT_SIGMA0, cfg.seed)
     stream = DataStream(len(train_rows), cfg.seed)
     st = {"generation": 0, "best_val": -math.inf, "best_val_generation": None, "best_fitness": -math.inf,
-          "wall_seconds": 0.0, "tokens": 0, "invalid_rewards": 0, "last_val_wall": 0.0}
+          "wall_seconds": 0.0, "tokens": 0, "invalid_rewards": 0, "last_val_wall": 0.0,
+          "last_val_generation": 0}
     best_offset = np.zeros(genome.dimension)       # best by validation
     best_candidate = np.zeros(genome.dimension)    # highest mini-batch fitness seen
     if resume_from is not None:
@@ -299,6 +297,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
                 if v[name] > st["best_val"]:
                     st["best_val"], st["best_val_generation"], best_offset = v[name], gen, np.array(off, dtype=np.float64)
             record["best_val"] = st["best_val"]
+            st["last_val_generation"] = gen
             st["last_val_wall"] = time.perf_counter() - t_start
             record["wall_seconds"] = round(st["last_val_wall"], 3)
         st["wall_seconds"] = time.perf_counter() - t_start
@@ -313,7 +312,20 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
               + f" ({record['tokens_per_second']:.0f} tok/s)")
         _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
 
-    # a validation of the final mean if the loop ended without one (time budget)
+    # the loop ended without validating its last generation (time budget): validate it now
+    if st["generation"] > 0 and st.get("last_val_generation") != st["generation"]:
+        gen = st["generation"]
+        v = validate(gen, {"mean": np.asarray(strategy.mean), "best_candidate": best_candidate})
+        for name, off in (("mean", np.asarray(strategy.mean)), ("best_candidate", best_candidate)):
+            if v[name] > st["best_val"]:
+                st["best_val"], st["best_val_generation"], best_offset = v[name], gen, np.array(off, dtype=np.float64)
+        st["last_val_generation"] = gen
+        st["wall_seconds"] = time.perf_counter() - t_start
+        log({"generation": gen, "val_mean": v["mean"], "val_best_candidate": v["best_candidate"],
+             "best_val": st["best_val"], "wall_seconds": round(st["wall_seconds"], 3), "tokens": st["tokens"],
+             "final_validation": True})
+        _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
+
     from essa.genome import export_adapter
 
     final_mean = np.asarray(strategy.mean, dtype=np.float64)

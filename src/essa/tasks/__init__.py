@@ -89,6 +89,19 @@ def load_rows(task: Task, source: str | None = None, split: str | None = None, l
     return rows[:limit] if limit else rows
 
 
+def split_rl_data(task: Task, train_data: str | None, val_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(validation rows, training rows): the task's RL data minus a seeded validation carve-out.
+
+    ESSA (`essa train`) and GRPO (`essa grpo`) both call this, so with the same settings they
+    validate on the same rows and train on the same rest. Selection never touches the test split.
+    """
+    pool = load_rows(task, train_data or task.rl_split)
+    if val_size >= len(pool):
+        raise EssaError(f"val_size {val_size} leaves no training data out of {len(pool)} rows; lower it")
+    val_rows, train_rows = seeded_split(pool, [val_size, len(pool) - val_size], seed + 12345)
+    return val_rows, train_rows
+
+
 def _row(task: Task, record: dict) -> dict:
     if task.to_row is not None and "prompt" not in record:
         return task.to_row(record)

@@ -1,0 +1,620 @@
+"""Fast decode path of the population engine: a hand-written Llama-family decode step.
+
+HF ``generate``/``forward`` spends most of a small model's decode step in Python and kernel launches
+(mask creation, cache bookkeeping, ``torch.cat`` of a growing cache, per-module dispatch). This module
+runs the same network from the same weights with a fixed-shape step instead:
+
+* **Static KV cache**: one tensor ``[layers, 2, N, kv_heads, T_alloc, head_dim]``, ``T_alloc`` ≥
+  prompt length + max_new_tokens - 1. The prompt is written left-padded into slots ``[0, T)``;
+  decode step ``s`` writes slot ``T + s`` for every row at once (left padding makes the slot the same
+  for all rows) with ``index_copy_`` and a one-element index tensor, so the step has static shapes.
+* **Mask**: a key slot is valid when it holds a real prompt token or a generated token
+  (``key_valid[N, T_alloc]``, fixed per micro-batch) and is not beyond the current slot; pad slots of
+  the prompt are masked. Each row's position is (real prompt tokens) + step, fed to the model's own
+  ``rotary_emb`` so rope-scaling variants stay exact.
+* **Attention**: prefill uses SDPA with a causal ∧ padding mask (a pad query also sees itself so no
+  row is fully masked: no NaN). Decode (one query per row) uses either SDPA (``enable_gqa``) or a
+  *grouped* matmul attention (query heads of one kv head form the rows of one small matmul: K/V are
+  read once, never repeated). SDPA with a mask and GQA falls back to the math kernel on CUDA, which
+  materialises repeated K/V, so ``grouped`` is the default on CUDA; see ``_pick_attention`` for CPU.
+* **Fused per-row LoRA**: projections that share an input form a group (q/k/v; o; gate/up; down).
+  For a group the genome adapts, ``h = x · [Vh_A,qᵀ | Vh_A,kᵀ | Vh_A,vᵀ]`` is one matmul; the per-row
+  singular values are one ``[N, 1, G·r]`` buffer each; the r×r mixing M is one block-diagonal
+  ``[G·r, G·r]`` matmul (or a ``bmm`` over the G modules: ``lora_mix``); ``U_B`` is one block matrix
+  ``[G·r, out_q + out_k + out_v]``. When every base projection of the group is a plain ``nn.Linear``
+  (and the copy fits ``fuse_budget_bytes``), their weights and the ``Vh_A`` rows are concatenated
+  into ONE weight, so base + LoRA-down of a group is a single GEMM. Otherwise the base modules are
+  called as modules (quantized bases keep working). Choices measured on CPU are in the report /
+  ``benchmarks``.
+* **CUDA graphs**: on CUDA the decode step (embedding → layers → norm → lm_head into a static logits
+  buffer) is captured once per *attention-length bucket* (multiples of ``kv_bucket`` slots: attention
+  reads only the filled part of the cache, rounded up) after a warm-up on a side stream, and replayed
+  per step. Sampling (the engine's counter-based ``_sample``) and EOS/stop bookkeeping run outside the
+  graph; generated tokens stay in a device buffer and are copied to the host every ``check_every``
+  steps asynchronously (pinned memory), so the host never waits on the step it just launched. Graphs
+  and buffers are kept for the next micro-batch of the same shape (``N`` rows, same ``T_alloc``).
+* **No row pruning**: shapes are static, so a row that ended keeps decoding (its tokens are dropped).
+  ``stats.slot_tokens`` counts those slots (N × steps run); ``useful_tokens`` is unchanged. The batch
+  still stops as soon as every row has ended (seen at most ``2 × check_every`` steps late on CUDA).
+
+Supported: ``model_type`` llama, qwen2 (q/k/v biases), mistral; rope types without run-time
+frequency updates (not dynamic/longrope); sliding windows only when the whole sequence fits inside the
+window (then they mask nothing); genome modules among q/k/v/o/gate/up/down of the decoder layers.
+Anything else: ``unsupported_reason`` says why and the engine uses the HF path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from essa import EssaError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+
+
+def _inner(model):
+    return getattr(model, "model", None)
+
+
+def unsupported_reason(model, wrappers: Sequence[nn.Module] = ()) -> str | None:
+    """Why the fast path cannot run this model (None: it can)."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {mt!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    inner = _inner(model)
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(inner, attr):
+            return f"the model has no model.{attr}"
+    if not isinstance(getattr(model, "lm_head", None), nn.Module):
+        return "the model has no lm_head"
+    rope_type = getattr(inner.rotary_emb, "rope_type", "default")
+    if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+        return f"rope type {rope_type!r} updates its frequencies at run time"
+    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    covered = set()
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        for parent, names in _GROUPS:
+            mod = attn if parent == "self_attn" else mlp
+            for n in names:
+                if not isinstance(getattr(mod, n, None), nn.Module):
+                    return f"a decoder layer has no {parent}.{n}"
+                covered.add(id(getattr(mod, n)))
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            if not isinstance(getattr(layer, n, None), nn.Module):
+                return f"a decoder layer has no {n}"
+        if not hasattr(mlp, "act_fn") or not hasattr(attn, "head_dim") or not hasattr(attn, "scaling"):
+            return "unexpected attention/MLP module layout"
+    if any(id(w) not in covered for w in wrappers):
+        return "the genome adapts a module outside q/k/v/o/gate/up/down of the decoder layers"
+    return None
+
+
+def _sliding_window(model, attn) -> int | None:
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    if model.config.model_type == "mistral":
+        return getattr(model.config, "sliding_window", None)
+    return None
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
+def _repeat_kv(x, n: int):
+    if n == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)
+
+
+def _signature(t: torch.Tensor):
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = -1
+    return (t.data_ptr(), version, t.device, t.dtype, tuple(t.shape))
+
+
+def _plain_linear(m) -> bool:
+    return type(m) is nn.Linear
+
+
+# --------------------------------------------------------------------------------- projection groups
+
+class _Group:
+    """Projections that share one input (q/k/v, o, gate/up, down), with their per-row LoRA path."""
+
+    def __init__(self, modules: list[nn.Module], wrapper_index: dict[int, int], lora_mix: str):
+        from essa.engine import PopulationLoRA
+
+        self.modules = modules
+        self.bases = [m.base if isinstance(m, PopulationLoRA) else m for m in modules]
+        self.wrapped = [j for j, m in enumerate(modules) if isinstance(m, PopulationLoRA)]
+        self.genome_idx = [wrapper_index[id(modules[j])] for j in self.wrapped]
+        self.lora_mix = lora_mix
+        self.W = self.b = None      # fused [out_total (+ G·r), in] weight when fused
+        self.folded = False         # Vh_A rows are part of W
+        self.sA = self.sB = None    # [N, 1, G·r] per-row singular values (session buffers)
+        self._sig = None
+        if self.wrapped:
+            ws = [modules[j] for j in self.wrapped]
+            self.r = ws[0].M.shape[0]
+            self.lora_dtype = ws[0].M.dtype
+            self.Vh = torch.cat([w.Vh_A_t for w in ws], dim=1)                      # [in, G·r]
+            self.M_stack = torch.stack([w.M for w in ws])                           # [G, r, r]
+            self.M_bd = torch.block_diag(*[w.M for w in ws])                         # [G·r, G·r]
+            self.U_wrapped = torch.block_diag(*[w.U_B_t for w in ws])                # [G·r, Σ out of wrapped]
+            self.wrapped_out = [w.U_B_t.shape[1] for w in ws]
+
+    # ---- fusion of the base weights (plain nn.Linear only)
+    def fusable(self) -> bool:
+        if not all(_plain_linear(b) for b in self.bases):
+            return False
+        if len(self.bases) == 1 and not self.wrapped:
+            return False  # nothing to fuse
+        w0 = self.bases[0].weight
+        if any(b.weight.dtype != w0.dtype or b.weight.device != w0.device for b in self.bases):
+            return False
+        return not self.wrapped or self.lora_dtype == w0.dtype
+
+    def fused_bytes(self) -> int:
+        w = self.bases[0].weight
+        rows = sum(b.weight.shape[0] for b in self.bases) + (self.Vh.shape[1] if self.wrapped else 0)
+        return rows * w.shape[1] * w.element_size()
+
+    def _base_sig(self):
+        return [_signature(b.weight) for b in self.bases] + [
+            _signature(b.bias) for b in self.bases if getattr(b, "bias", None) is not None]
+
+    def fuse(self):
+        """(Re)build the fused weight when the base weights changed since the last build."""
+        sig = self._base_sig()
+        if self.W is not None and sig == self._sig:
+            return
+        ws = [b.weight for b in self.bases]
+        self.out_sizes = [w.shape[0] for w in ws]
+        O = sum(self.out_sizes)
+        parts = list(ws)
+        if self.wrapped:
+            parts.append(self.Vh.t())
+        self.W = torch.cat(parts, dim=0).contiguous()
+        self.folded = bool(self.wrapped)
+        if any(getattr(b, "bias", None) is not None for b in self.bases):
+            bs = [b.bias if b.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                  for b, w in zip(self.bases, ws)]
+            if self.wrapped:
+                bs.append(torch.zeros(self.Vh.shape[1], dtype=ws[0].dtype, device=ws[0].device))
+            self.b = torch.cat(bs)
+        else:
+            self.b = None
+        if self.wrapped:  # U_B as one block matrix over ALL outputs (zero blocks for unadapted members)
+            U = torch.zeros(self.Vh.shape[1], O, dtype=self.lora_dtype, device=self.Vh.device)
+            starts = [sum(self.out_sizes[:j]) for j in range(len(ws))]
+            for g, (j, w) in enumerate(zip(self.wrapped, self.wrapped_out)):
+                U[g * self.r:(g + 1) * self.r, starts[j]:starts[j] + w] = self.modules[j].U_B_t
+            self.U_full = U
+        self._O = O
+        self._sig = sig
+
+    def unfuse(self):
+        self.W = self.b = None
+        self.folded = False
+        self._sig = None
+
+    # ---- forward
+    def _mix(self, h):
+        h = h * self.sA
+        if len(self.wrapped) == 1:
+            h = h @ self.M_stack[0]
+        elif self.lora_mix == "bmm":
+            N, t, _ = h.shape
+            G = len(self.wrapped)
+            h = torch.bmm(h.reshape(N * t, G, self.r).transpose(0, 1), self.M_stack)   # [G, N·t, r]
+            h = h.transpose(0, 1).reshape(N, t, G * self.r)
+        else:
+            h = h @ self.M_bd
+        return h * self.sB
+
+    def __call__(self, x) -> list[torch.Tensor]:
+        if self.W is not None:
+            y = F.linear(x, self.W, self.b)
+            if self.wrapped:
+                base, h = y[..., :self._O], y[..., self._O:]
+                y = base + (self._mix(h) @ self.U_full).to(base.dtype)
+            return list(y.split(self.out_sizes, dim=-1)) if len(self.out_sizes) > 1 else [y]
+        outs = [b(x) for b in self.bases]
+        if self.wrapped:
+            h = self._mix(x.to(self.lora_dtype) @ self.Vh)
+            lora = (h @ self.U_wrapped).split(self.wrapped_out, dim=-1)
+            for j, l in zip(self.wrapped, lora):
+                outs[j] = outs[j] + l.to(outs[j].dtype)
+        return outs
+
+
+# --------------------------------------------------------------------------------- per-shape state
+
+class _Session:
+    """Buffers (KV cache, step inputs, logits) and captured graphs of one micro-batch shape."""
+
+    def __init__(self, dec: "FastDecoder", N: int, T_alloc: int):
+        dev, dt = dec.device, dec.dtype
+        self.N, self.T_alloc = N, T_alloc
+        self.cache = torch.zeros(dec.n_layers, 2, N, dec.kv_heads, T_alloc, dec.head_dim, dtype=dt, device=dev)
+        self.tok = torch.zeros(N, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(N, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.key_valid = torch.zeros(N, T_alloc, dtype=torch.bool, device=dev)
+        self.ar = torch.arange(T_alloc, device=dev)
+        self.logits = torch.empty(N, dec.vocab_out, dtype=dec.logits_dtype, device=dev)
+        self.s = {}  # group id -> (sA, sB) buffers [N, 1, G·r]
+        for g in dec.lora_groups:
+            Gr = g.Vh.shape[1]
+            self.s[id(g)] = (torch.ones(N, 1, Gr, dtype=g.lora_dtype, device=dev),
+                             torch.ones(N, 1, Gr, dtype=g.lora_dtype, device=dev))
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+        self.fresh = True  # the cache is all zeros
+
+    def bind(self, dec: "FastDecoder"):
+        for g in dec.lora_groups:
+            g.sA, g.sB = self.s[id(g)]
+
+
+class FastDecoder:
+    """The fast decode path for one model (and the engine's installed ``PopulationLoRA`` wrappers)."""
+
+    def __init__(self, model, wrappers: Sequence[nn.Module] = (), *, lora_mix: str = "blockdiag",
+                 attention: str | None = None, fuse_budget_bytes: int | None = None,
+                 cuda_graphs: bool | None = None, kv_bucket: int = 64, check_every: int | None = None):
+        reason = unsupported_reason(model, wrappers)
+        if reason is not None:
+            raise EssaError(f"the fast decode path does not support this model: {reason}; use fast=False")
+        if lora_mix not in ("blockdiag", "bmm"):
+            raise EssaError(f"lora_mix must be 'blockdiag' or 'bmm', got {lora_mix!r}")
+        self.model = model
+        inner = _inner(model)
+        self.inner = inner
+        p = next(model.parameters())
+        self.device = p.device
+        self.dtype = inner.embed_tokens.weight.dtype if hasattr(inner.embed_tokens, "weight") else p.dtype
+        cfg = model.config
+        attn0 = inner.layers[0].self_attn
+        self.n_layers = len(inner.layers)
+        self.head_dim = attn0.head_dim
+        self.n_heads = getattr(cfg, "num_attention_heads")
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.scaling = attn0.scaling
+        self.windows = [_sliding_window(model, layer.self_attn) for layer in inner.layers]
+        lm = model.lm_head
+        self.vocab_out = lm.weight.shape[0] if hasattr(lm, "weight") else cfg.vocab_size
+        self.logits_dtype = lm.weight.dtype if hasattr(lm, "weight") and lm.weight.is_floating_point() else self.dtype
+        self._lm_plain = _plain_linear(lm) and lm.bias is None
+        on_cuda = self.device.type == "cuda"
+        self.attention = attention or os.environ.get("ESSA_FAST_ATTENTION") or _pick_attention(self.device)
+        if self.attention not in ("sdpa", "grouped"):
+            raise EssaError(f"attention must be 'sdpa' or 'grouped', got {self.attention!r}")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.kv_bucket = max(1, int(kv_bucket))
+        self.check_every = check_every or (8 if on_cuda else 1)
+        wrapper_index = {id(w): i for i, w in enumerate(wrappers)}
+        self.layers = []
+        for layer in inner.layers:
+            groups = []
+            for parent, names in _GROUPS:
+                mod = getattr(layer, parent)
+                groups.append(_Group([getattr(mod, n) for n in names], wrapper_index, lora_mix))
+            self.layers.append((layer, groups))
+        self.lora_groups = [g for _, gs in self.layers for g in gs if g.wrapped]
+        if fuse_budget_bytes is None:
+            fuse_budget_bytes = _default_fuse_budget(self.device)
+        self.fuse_budget_bytes = fuse_budget_bytes
+        self._plan_fusion()
+        self._session: _Session | None = None
+        self._graph_failed = False
+
+    # ---- fusion plan: q/k/v and gate/up first (launches saved), then o/down (LoRA down-projection folded)
+    def _plan_fusion(self):
+        budget = self.fuse_budget_bytes
+        self._fused = []
+        for kind in (0, 2, 1, 3):
+            for _, gs in self.layers:
+                g = gs[kind]
+                if g.fusable() and g.fused_bytes() <= budget:
+                    budget -= g.fused_bytes()
+                    self._fused.append(g)
+
+    def refresh(self):
+        """Rebuild fused weights whose base weights changed (cheap signature check per call)."""
+        for g in self._fused:
+            if all(_plain_linear(b) for b in g.bases):
+                g.fuse()
+            else:
+                g.unfuse()
+
+    # ---- the network
+    def _forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None):
+        """x: [N, t, hidden] embeddings → [N, hidden] final-normed hidden state of the last position."""
+        N, t, _ = x.shape
+        H, KV, hd = self.n_heads, self.kv_heads, self.head_dim
+        for li, (layer, (qkv, o, gu, down)) in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = qkv(h)
+            q = q.view(N, t, H, hd).transpose(1, 2)
+            k = k.view(N, t, KV, hd).transpose(1, 2)
+            v = v.view(N, t, KV, hd).transpose(1, 2)
+            q, k = _rope(q, k, cos, sin)
+            kc, vc = sess.cache[li, 0], sess.cache[li, 1]
+            if prefill_T is not None:
+                kc[:, :, :prefill_T] = k
+                vc[:, :, :prefill_T] = v
+                a = F.scaled_dot_product_attention(q, _repeat_kv(k, H // KV), _repeat_kv(v, H // KV),
+                                                   attn_mask=mask, scale=self.scaling)
+            else:
+                kc.index_copy_(2, sess.slot, k)
+                vc.index_copy_(2, sess.slot, v)
+                a = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
+            a = a.transpose(1, 2).reshape(N, t, H * hd)
+            x = x + o(a)[0]
+            h = layer.post_attention_layernorm(x)
+            g, u = gu(h)
+            x = x + down(layer.mlp.act_fn(g) * u)[0]
+        return self.inner.norm(x[:, -1:])
+
+    def _attend(self, q, k, v, mask):
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=self.n_heads != self.kv_heads)
+        N, H, _, hd = q.shape
+        KV = k.shape[1]
+        qg = q.reshape(N, KV, H // KV, hd)
+        s = torch.matmul(qg, k.transpose(-1, -2)) * self.scaling          # [N, KV, g, L]
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v).reshape(N, H, 1, hd)
+
+    def _logits(self, sess: _Session, h):
+        h = h[:, 0]
+        if self._lm_plain:
+            torch.matmul(h, self.model.lm_head.weight.t(), out=sess.logits)
+        else:
+            sess.logits.copy_(self.model.lm_head(h))
+        return sess.logits
+
+    def _step(self, sess: _Session, kv_len: int):
+        """One decode step from the static buffers: tok at slot → logits. Graph-capturable."""
+        x = self.inner.embed_tokens(sess.tok)
+        cos, sin = self.inner.rotary_emb(x, sess.pos)
+        ar = sess.ar[:kv_len]
+        mask = (sess.key_valid[:, :kv_len] & (ar <= sess.slot)).view(sess.N, 1, 1, kv_len)
+        return self._logits(sess, self._forward(sess, x, cos, sin, mask, kv_len, None))
+
+    def _kv_len(self, cur: int, T_alloc: int) -> int:
+        if not self.cuda_graphs or self._graph_failed:
+            return cur + 1
+        return min(T_alloc, -(-(cur + 1) // self.kv_bucket) * self.kv_bucket)
+
+    def _run_step(self, sess: _Session, kv_len: int):
+        if not self.cuda_graphs or self._graph_failed:
+            return self._step(sess, kv_len)
+        entry = sess.graphs.get(kv_len)
+        if entry is None:
+            try:
+                entry = self._capture(sess, kv_len)
+            except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly from now on
+                from essa.engine import _is_oom
+                if _is_oom(e):
+                    raise
+                warnings.warn(f"essa fast decode: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                              f"decoding without graphs", RuntimeWarning, stacklevel=2)
+                self._graph_failed = True
+                torch.cuda.synchronize(self.device)
+                return self._step(sess, kv_len)
+            sess.graphs[kv_len] = entry
+        entry[0].replay()
+        return sess.logits
+
+    def _capture(self, sess: _Session, kv_len: int):
+        # warm-up on a side stream (recomputes exactly what the replay computes: same inputs, same slot)
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._step(sess, kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        if sess.pool is None:
+            sess.pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=sess.pool):
+            self._step(sess, kv_len)
+        return (g,)
+
+    # ---- sessions
+    def _get_session(self, N: int, T_need: int) -> _Session:
+        T_alloc = T_need
+        if self.cuda_graphs:
+            T_alloc = -(-T_need // self.kv_bucket) * self.kv_bucket
+            s = self._session
+            if s is not None and s.N == N and s.T_alloc == T_alloc:
+                return s
+        self._session = None  # free the old one first (its KV cache counts against the budget)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        sess = _Session(self, N, T_alloc)
+        if self.cuda_graphs:
+            self._session = sess
+        return sess
+
+    def release(self):
+        """Free the kept buffers and graphs."""
+        self._session = None
+
+    def can_run(self, total_len: int) -> bool:
+        """Whether a micro-batch of prompt+generation length ``total_len`` fits the supported cases."""
+        return all(w is None or total_len <= w for w in self.windows)
+
+    # ---- the decode loop (the engine's _decode contract)
+    def decode(self, engine, chunk, prompt_ids, s_A, s_B, cfg):
+        from essa.engine import _sample
+
+        dev, N = self.device, len(chunk)
+        lens = [len(prompt_ids[p]) for _, p, _ in chunk]
+        T = max(lens)
+        max_new = cfg.max_new_tokens
+        self.refresh()
+        try:
+            sess = self._get_session(N, T + max(max_new - 1, 1))
+        except Exception:
+            self._session = None
+            raise
+        try:
+            return self._decode(engine, sess, chunk, prompt_ids, lens, T, s_A, s_B, cfg, _sample)
+        except Exception:
+            self._session = None  # buffers may be half-written / an OOM should free everything
+            raise
+        finally:
+            for g in self.lora_groups:
+                g.sA = g.sB = None
+
+    def _decode(self, engine, sess, chunk, prompt_ids, lens, T, s_A, s_B, cfg, sample):
+        dev, N, max_new = self.device, len(chunk), cfg.max_new_tokens
+        ids = torch.full((N, T), engine.pad_id, dtype=torch.long)
+        valid = torch.zeros((N, T), dtype=torch.bool)
+        for i, (_, p, _) in enumerate(chunk):  # left padding
+            ids[i, T - lens[i]:] = torch.as_tensor(prompt_ids[p], dtype=torch.long)
+            valid[i, T - lens[i]:] = True
+        ids, valid = ids.to(dev), valid.to(dev)
+        keys = torch.tensor([p * cfg.num_samples + s for _, p, s in chunk], dtype=torch.long, device=dev)
+        sess.bind(self)
+        if self.lora_groups:
+            if s_A is None:
+                raise EssaError("the fast decoder has LoRA wrappers but got no singular values")
+            cand = torch.tensor([k for k, _, _ in chunk], dtype=torch.long, device=s_A.device)
+            rA, rB = s_A[cand], s_B[cand]                                  # [N, M, r]
+            for g in self.lora_groups:
+                a, b = sess.s[id(g)]
+                a.copy_(rA[:, g.genome_idx].reshape(N, 1, -1))
+                b.copy_(rB[:, g.genome_idx].reshape(N, 1, -1))
+        engine.stats.prompt_tokens += sum(lens)
+        sess.key_valid.fill_(True)
+        sess.key_valid[:, :T] = valid
+        if not sess.fresh and sess.T_alloc > T:  # stale slots of an earlier micro-batch: masked, but 0·NaN = NaN
+            sess.cache[:, :, :, :, T:].zero_()
+        sess.fresh = False
+
+        # prefill: causal ∧ key-valid, plus the diagonal (a pad query sees itself: no fully masked row)
+        position = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(x, position)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+        logits = self._logits(sess, self._forward(sess, x, cos, sin, mask[:, None], None, T))
+        del x, cos, sin, mask
+        sess.pos.copy_(position[:, -1:] + 1)
+
+        tracker = _Tracker(engine, N, cfg.stop)
+        gen = torch.empty(N, max_new, dtype=torch.long, device=dev)
+        pending = None          # (host buffer, event, lo, hi) of tokens copied but not yet read
+        fed = 0                 # tokens [0, fed) of every row are in the tracker
+        on_cuda = dev.type == "cuda"
+        steps_run = 0
+        for step in range(max_new):
+            tok = sample(logits, cfg, keys, step)
+            gen[:, step] = tok
+            steps_run = step + 1
+            last = step == max_new - 1
+            if (step + 1) % self.check_every == 0 or last:
+                if on_cuda:
+                    host = torch.empty((N, step + 1 - fed), dtype=torch.long, pin_memory=True)
+                    host.copy_(gen[:, fed:step + 1], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    if pending is not None:
+                        pending[1].synchronize()
+                        tracker.feed(pending[0].tolist())
+                    pending, fed = (host, ev), step + 1
+                else:
+                    tracker.feed(gen[:, fed:step + 1].tolist())
+                    fed = step + 1
+                if tracker.all_done:
+                    break
+            if last:
+                break
+            sess.tok.copy_(tok.view(N, 1))
+            cur = T + step
+            sess.slot.fill_(cur)
+            if step:
+                sess.pos.add_(1)
+            logits = self._run_step(sess, self._kv_len(cur, sess.T_alloc))
+        if pending is not None:
+            pending[1].synchronize()
+            tracker.feed(pending[0].tolist())
+        engine.stats.slot_tokens += N * steps_run
+        return engine._completions(tracker.generated, tracker.finish, cfg.stop)
+
+
+class _Tracker:
+    """The HF path's per-token end-of-completion rules, fed a block of steps at a time."""
+
+    def __init__(self, engine, N: int, stops: list[str]):
+        self.engine, self.stops = engine, stops
+        self.eos = set(engine.eos_ids)
+        self.generated: list[list[int]] = [[] for _ in range(N)]
+        self.finish = ["length"] * N
+        self.finished = [False] * N
+        self.left = N
+        self.window = 0
+        if stops:
+            self.window = max(len(engine.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops) + 2
+
+    @property
+    def all_done(self) -> bool:
+        return self.left == 0
+
+    def feed(self, rows: list[list[int]]):
+        for r, toks in enumerate(rows):
+            if self.finished[r]:
+                continue
+            out = self.generated[r]
+            for t in toks:
+                out.append(t)
+                if t in self.eos:
+                    self.finish[r] = "eos"
+                elif self.stops and self.engine._hit_stop(out, self.stops, self.window):
+                    self.finish[r] = "stop"
+                else:
+                    continue
+                self.finished[r] = True
+                self.left -= 1
+                break
+
+
+def _pick_attention(device: torch.device) -> str:
+    # CUDA: SDPA with a mask and GQA runs the math kernel with repeated K/V; grouped reads K/V once.
+    return "grouped" if device.type == "cuda" else "sdpa"
+
+
+def _default_fuse_budget(device: torch.device) -> int:
+    return 1 << 30 if device.type == "cuda" else 1 << 30
+
+
+def fast_supported(model, wrappers: Sequence[nn.Module] = ()) -> bool:
+    return unsupported_reason(model, wrappers) is None
