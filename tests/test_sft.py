@@ -166,7 +166,8 @@ def test_real_sft_lowers_loss_and_genome_roundtrips(real_model_name, tmp_path):
     # 2 GSM8K SFT rows, 4 steps of batch 2 (4 epochs) at a constant lr 2e-3: the drop is unmistakable.
     # (Kept tiny: a step costs ~3 s on 2 free CPU cores, several times more on a busy machine.)
     cfg = SFTConfig(model=real_model_name, output_dir=str(out), max_steps=4, batch_size=2, grad_accum=1,
-                    max_length=256, limit=2, lr=2e-3, scheduler="constant", warmup_ratio=0.0, progress=False, tensorboard=False)
+                    max_length=256, limit=2, lr=2e-3, scheduler="constant", warmup_ratio=0.0, progress=False,
+                    tensorboard=False)
     run_sft(cfg)
 
     model, tok = load_model(real_model_name, device="cpu")

@@ -201,8 +201,8 @@ def attach_lora(model, cfg: SFTConfig):
 
     targets = [cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     if targets != ["all-linear"]:
-        present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        missing = [t for t in targets if t not in present]
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
         if missing:
             raise EssaError(f"target_modules {missing} match no linear layer of the model; its linear layers "
                             f"are: {', '.join(linear_layer_names(model))}")
@@ -297,8 +297,10 @@ def run_sft(cfg: SFTConfig) -> Path:
     model = attach_lora(model, cfg)
     if cfg.gradient_checkpointing:
         base = model.get_base_model()  # transformers 5 renamed gradient_* to activation_checkpointing_*
-        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     device = next(model.parameters()).device
