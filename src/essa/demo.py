@@ -14,7 +14,7 @@ from pathlib import Path
 from essa.engine import SamplingConfig
 
 
-def run_demo(fast: bool = False, out: str = "runs/demo") -> dict:
+def run_demo(fast: bool = False, out: str = "runs/demo") -> dict:  # noqa: C901
     from essa.report import write_report
     from essa.sft import SFTConfig, run_sft
     from essa.trainer import TrainConfig, train
@@ -24,17 +24,17 @@ def run_demo(fast: bool = False, out: str = "runs/demo") -> dict:
     sft_dir = root / "sft"
     if not (sft_dir / "adapter_config.json").exists():
         print("essa demo: 1/3 SFT warm start (LoRA r=8 on q/k/v/o, GSM8K SFT split)")
-        run_sft(SFTConfig(output_dir=str(sft_dir), max_steps=4 if fast else 12, batch_size=4, max_length=320,
-                          lr=2e-4, overwrite=True))
+        run_sft(SFTConfig(output_dir=str(sft_dir), max_steps=3 if fast else 15, batch_size=4, grad_accum=1,
+                          max_length=320, lr=2e-4, overwrite=True))
     else:
         print(f"essa demo: 1/3 reusing the SFT adapter in {sft_dir}")
     t_sft = time.perf_counter() - t0
     run_dir = root / "essa"
     print("essa demo: 2/3 ESSA: CMA-ES over the adapter's singular values, fitness = GSM8K exact answer")
-    cfg = TrainConfig(adapter=str(sft_dir), task="gsm8k", output_dir=str(run_dir), popsize=6 if fast else 8,
-                      generations=2 if fast else 6, batch_size=4 if fast else 6, val_size=8 if fast else 16,
-                      eval_every=2 if fast else 3, test_limit=8 if fast else 24, seed=0,
-                      generation=SamplingConfig(max_new_tokens=64 if fast else 160), device="cpu")
+    cfg = TrainConfig(adapter=str(sft_dir), task="gsm8k", output_dir=str(run_dir), popsize=4 if fast else 6,
+                      generations=1 if fast else 4, batch_size=2 if fast else 4, val_size=4 if fast else 12,
+                      eval_every=2, test_limit=4 if fast else 16, seed=0, sigma0=0.02,
+                      generation=SamplingConfig(max_new_tokens=32 if fast else 128), device="cpu")
     if (run_dir / "checkpoint.npz").exists():
         import shutil
 
