@@ -87,3 +87,16 @@ def test_real_model_eval_cli(real_model_name, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 8 and summary["generated_tokens"] > 8
     assert len(out.read_text().splitlines()) == 8
+
+
+def test_cli_flags_parse_like_yaml():
+    from essa.cli import _build, build_parser
+    from essa.sft import SFTConfig
+
+    args = build_parser().parse_args(["sft", "--lr", "2e-4", "--max-steps", "3", "--target-modules", "[q_proj, v_proj]",
+                                      "--set", "rank=4"])
+    cfg = _build(SFTConfig, args)
+    assert (cfg.lr, cfg.max_steps, cfg.target_modules, cfg.rank) == (2e-4, 3, ["q_proj", "v_proj"], 4)
+    bad = build_parser().parse_args(["sft", "--rank", "eight"])
+    with pytest.raises(EssaError, match="rank must be int"):
+        _build(SFTConfig, bad)
