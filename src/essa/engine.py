@@ -173,16 +173,16 @@ class PopulationEngine:
                  memory_budget_gb: float | None = None, max_batch_rows: int | None = None,
                  fast: bool | None = None):
         """fast: the hand-written static-cache decode path (``essa.fast_decode``) instead of HF forward;
-        None = when the architecture is supported, True = required (EssaError if unsupported)."""
+        None = when the architecture is supported (env ESSA_FAST=0/1 overrides), True = required
+        (EssaError if unsupported), False = the HF path."""
         self.model, self.tokenizer, self.genome, self.clamp_min = model, tokenizer, genome, clamp_min
         self.device = next(model.parameters()).device
         self.wrappers = install_population_lora(model, genome) if genome is not None else []
         self.lora_dtype = self.wrappers[0].M.dtype if self.wrappers else None
-        self._fast = None
-        if fast or fast is None:
-            from essa import fast_decode
-            if fast or fast_decode.fast_supported(model, self.wrappers):
-                self._fast = fast_decode.FastDecoder(model, self.wrappers)  # before the memory budget
+        from essa import fast_decode
+        self._fast = None  # built before the memory budget is measured (it may hold fused weight copies)
+        if fast if fast is not None else fast_decode.auto_enabled(model, self.wrappers):
+            self._fast = fast_decode.FastDecoder(model, self.wrappers)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._kv_bytes_per_token = self._kv_bytes(cfg)
         self.memory_budget = self._memory_budget(memory_budget_gb)

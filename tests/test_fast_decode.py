@@ -1,0 +1,282 @@
+"""Fast decode path (essa.fast_decode): token-for-token identical to the engine's HF path (fp32, CPU).
+
+The CUDA-graph capture itself needs a GPU; everything around it (static KV cache, bucketed attention
+length, power-of-2 batch compaction, sessions kept across micro-batches, lagged token reads) is run
+here with ``static_shapes=True`` on CPU.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from essa import EssaError
+from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+from essa.fast_decode import FastDecoder, unsupported_reason
+from essa.genome import load_genome
+from essa.models import load_model
+
+PROMPTS = ["What is 2+2?", "Name a color.", "Write a long poem about the sea and the sky, please."]
+FUSED = 1 << 30  # fuse_budget_bytes: the CUDA default (CPU default: no fused weight copies)
+STATIC = dict(static_shapes=True, check_every=3, kv_bucket=8, min_graph_rows=1, fuse_budget_bytes=FUSED)
+
+
+def random_adapter(model, path, seed=0, std=None, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    torch.manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False))
+    if std is not None:
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                torch.nn.init.normal_(p, std=std)
+    pm.save_pretrained(path)
+    return path
+
+
+def engine(model, tok, genome, fast, eos=(), **opts):
+    m = copy.deepcopy(model)
+    e = PopulationEngine(m, tok, genome, fast=bool(fast) and not opts)
+    if fast and opts:
+        e._fast = FastDecoder(m, e.wrappers, **opts)
+    assert (e._fast is not None) == bool(fast)
+    e.eos_ids = sorted(set(e.eos_ids) | set(eos))
+    return e
+
+
+def dump(out):
+    return [[[(s.token_ids, s.finish_reason, s.text) for s in x] for x in y] for y in out]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tmp_path_factory):
+    model, tok = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    genome = load_genome(random_adapter(model, tmp_path_factory.mktemp("fast-adapter") / "a"))
+    cands = np.random.default_rng(0).normal(0, 0.5, (4, genome.dimension)).astype(np.float32)
+    prompts = chat_prompts(tok, PROMPTS, "Be brief.")
+    hf = engine(model, tok, genome, fast=False)
+    ref = hf.generate(prompts, cands, SamplingConfig(max_new_tokens=24))
+    # frequent tokens of the reference, used as extra EOS ids so rows end at different steps
+    seen = {}
+    for y in ref:
+        for x in y:
+            for t in x[0].token_ids[2:16]:
+                seen[t] = seen.get(t, 0) + 1
+    extra_eos = sorted(seen, key=lambda t: -seen[t])[:3]
+    return model, tok, genome, cands, prompts, ref, extra_eos
+
+
+def test_fast_matches_hf_path_greedy(tiny):
+    model, tok, genome, cands, prompts, ref, _ = tiny
+    fast = engine(model, tok, genome, fast=True)
+    out = fast.generate(prompts, cands, SamplingConfig(max_new_tokens=24))
+    assert dump(out) == dump(ref)
+    assert len({tuple(x[0].token_ids) for y in out for x in y}) > 4, "candidates should differ"
+    assert fast.stats.slot_tokens == 12 * 24 and fast.stats.useful_tokens == 12 * 24
+
+
+@pytest.mark.parametrize("opts", [STATIC, dict(static_shapes=True, kv_bucket=16, min_graph_rows=2),
+                                  dict(lora_mix="bmm", attention="grouped", fuse_budget_bytes=FUSED)],
+                         ids=["static-fused", "static-big-bucket", "bmm-grouped-fused"])
+def test_fast_variants_and_early_ends_match_hf(tiny, opts):
+    """Rows ending at different steps (extra EOS ids): compaction, lagged reads, kept sessions."""
+    model, tok, genome, cands, prompts, _, extra_eos = tiny
+    cfg = SamplingConfig(max_new_tokens=24)
+    hf = engine(model, tok, genome, fast=False, eos=extra_eos)
+    ref = dump(hf.generate(prompts, cands, cfg))
+    reasons = {x[0][1] for y in ref for x in y}
+    assert reasons == {"eos", "length"}
+    fast = engine(model, tok, genome, fast=True, eos=extra_eos, **opts)
+    assert dump(fast.generate(prompts, cands, cfg)) == ref
+    assert dump(fast.generate(prompts, cands, cfg)) == ref  # second run reuses the session (static)
+    assert fast.stats.useful_tokens == 2 * hf.stats.useful_tokens
+    if opts.get("static_shapes"):
+        assert fast._fast._session is not None and fast._fast._session.children, "expected compaction"
+    else:
+        assert fast.stats.slot_tokens == 2 * hf.stats.slot_tokens  # the HF path's pruning rule
+
+
+def test_session_reuse_and_fused_weights_follow_the_model(tiny):
+    """A kept session serves a micro-batch with longer prompts; fused weight copies are rebuilt when the
+    base weights change in place."""
+    model, tok, genome, cands, prompts, ref, _ = tiny
+    cfg = SamplingConfig(max_new_tokens=24)
+    fast = engine(model, tok, genome, fast=True, **STATIC)
+    hf = engine(model, tok, genome, fast=False)
+    longer = chat_prompts(tok, PROMPTS, "Be brief, and answer in English.")
+    assert 0 < max(map(len, longer)) - max(map(len, prompts)) <= 16  # within the reuse window (2 buckets)
+    assert dump(fast.generate(longer, cands, cfg)) == dump(hf.generate(longer, cands, cfg))
+    sess = fast._fast._session
+    assert dump(fast.generate(prompts, cands, cfg)) == dump(ref)
+    assert fast._fast._session is sess  # reused: its graphs would be replayed on CUDA
+    for e in (fast, hf):
+        with torch.no_grad():
+            for layer in e.model.model.layers:
+                layer.self_attn.q_proj.base.weight.mul_(1.5)
+                layer.mlp.up_proj.weight.mul_(0.5)
+    changed = dump(hf.generate(prompts, cands, cfg))
+    assert changed != dump(ref)
+    assert dump(fast.generate(prompts, cands, cfg)) == changed
+
+
+def test_stop_strings_and_finish_reasons_match(tiny):
+    model, tok, genome, cands, prompts, ref, extra_eos = tiny
+    plain = engine(model, tok, genome, fast=False, eos=extra_eos[:1]).generate(
+        prompts, cands, SamplingConfig(max_new_tokens=20))
+    text = max((x[0].text for y in plain for x in y), key=len)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cfg = SamplingConfig(max_new_tokens=20, stop=[stop])
+    hf = dump(engine(model, tok, genome, fast=False, eos=extra_eos[:1]).generate(prompts, cands, cfg))
+    assert {x[0][1] for y in hf for x in y} == {"eos", "stop", "length"}
+    for opts in ({}, STATIC):
+        got = dump(engine(model, tok, genome, fast=True, eos=extra_eos[:1], **opts).generate(prompts, cands, cfg))
+        assert got == hf
+    assert any(x[0][1] == "stop" and stop not in x[0][2] for y in hf for x in y)
+
+
+def test_sampling_reproducible_and_matches_hf(tiny):
+    model, tok, genome, cands, prompts, _, _ = tiny
+    cands = cands[:2]
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():  # a random tiny model is near-uniform over 49k tokens: any ulp flips a draw
+        sharp.lm_head.weight.mul_(20)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3, num_samples=2)
+    first = engine(sharp, tok, genome, fast=True).generate(prompts, cands, cfg)
+    counts = {}
+    for t in (t for y in first for x in y for s in x for t in s.token_ids[1:8]):
+        counts[t] = counts.get(t, 0) + 1
+    extra_eos = sorted(counts, key=lambda t: -counts[t])[:4]  # most rows end early, at different steps
+    fast = engine(sharp, tok, genome, fast=True, eos=extra_eos)
+    a, b = dump(fast.generate(prompts, cands, cfg)), dump(fast.generate(prompts, cands, cfg))
+    assert a == b
+    assert sorted({s[1] for y in a for x in y for s in x}) == ["eos", "length"]
+    assert a == dump(engine(sharp, tok, genome, fast=False, eos=extra_eos).generate(prompts, cands, cfg))
+    # static policy: rows re-indexed by compaction keep their own counter-based random streams
+    static = engine(sharp, tok, genome, fast=True, eos=extra_eos, **{**STATIC, "check_every": 1})
+    assert a == dump(static.generate(prompts, cands, cfg)) and static._fast._session.children
+    cfg.seed = 4
+    assert dump(fast.generate(prompts, cands, cfg)) != a
+    assert a[0][0][0][0] != a[0][0][1][0], "two samples of one prompt should differ"
+
+
+def test_base_model_without_genome(tiny):
+    model, tok, _, _, prompts, _, _ = tiny
+    cfg = SamplingConfig(max_new_tokens=12)
+    ref = dump(engine(model, tok, None, fast=False).generate(prompts, None, cfg))
+    assert dump(engine(model, tok, None, fast=True).generate(prompts, None, cfg)) == ref
+    assert dump(engine(model, tok, None, fast=True, **STATIC).generate(prompts, None, cfg)) == ref
+
+
+def test_oom_in_fast_path_halves_the_batch(tiny, monkeypatch):
+    model, tok, genome, cands, prompts, ref, _ = tiny
+    fast = engine(model, tok, genome, fast=True, **STATIC)
+    real = FastDecoder._forward
+
+    def flaky(self, sess, x, *a, **kw):
+        if x.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, sess, x, *a, **kw)
+
+    monkeypatch.setattr(FastDecoder, "_forward", flaky)
+    assert dump(fast.generate(prompts, cands, SamplingConfig(max_new_tokens=24))) == dump(ref)
+    assert fast.stats.oom_retries >= 2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_qwen2_and_mistral(tiny, tmp_path, arch):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    _, tok, _, _, prompts, _, _ = tiny
+    torch.manual_seed(1)
+    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else MistralForCausalLM(MistralConfig(**kw))).eval()
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for n in ("q_proj", "k_proj", "v_proj"):
+                    getattr(layer.self_attn, n).bias.normal_(0, 0.5)
+    genome = load_genome(random_adapter(model, tmp_path / "a", targets=("q_proj", "v_proj", "o_proj", "gate_proj",
+                                                                        "up_proj", "down_proj")))
+    cands = np.random.default_rng(0).normal(0, 0.5, (2, genome.dimension)).astype(np.float32)
+    cfg = SamplingConfig(max_new_tokens=12)
+    ref = dump(engine(model, tok, genome, fast=False).generate(prompts, cands, cfg))
+    assert dump(engine(model, tok, genome, fast=True).generate(prompts, cands, cfg)) == ref
+    assert dump(engine(model, tok, genome, fast=True, **STATIC).generate(prompts, cands, cfg)) == ref
+    if arch == "mistral":  # a sliding window shorter than the sequence: the micro-batch takes the HF path
+        model.config.sliding_window = 16
+        ref16 = dump(engine(model, tok, genome, fast=False).generate(prompts, cands, cfg))
+        assert ref16 != ref
+        e = engine(model, tok, genome, fast=True)
+        assert not e._fast.can_run(17) and e._fast.can_run(16)
+        assert dump(e.generate(prompts, cands, cfg)) == ref16
+
+
+def test_unsupported_models_fall_back(tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok, _, _, prompts, _, _ = tiny
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})).eval()
+    assert "dynamic" in unsupported_reason(model)
+    assert PopulationEngine(copy.deepcopy(model), tok, None)._fast is None
+    with pytest.raises(EssaError, match="fast=False"):
+        PopulationEngine(copy.deepcopy(model), tok, None, fast=True)
+
+
+@pytest.mark.real
+def test_fast_matches_hf_path_real(real_model_name, tmp_path):
+    model, tok = load_model(real_model_name, device="cpu", dtype="float32")
+    genome = load_genome(random_adapter(model, tmp_path / "a", std=0.02))
+    cands = np.random.default_rng(1).normal(0, 0.05, (2, genome.dimension)).astype(np.float32)
+    prompts = chat_prompts(tok, ["What is 12 times 3?", "Natalia sold 48 clips in April and half as many in May. "
+                                 "How many clips did she sell?"], "Please reason step by step.")
+    cfg = SamplingConfig(max_new_tokens=32)
+    ref = dump(engine(model, tok, genome, fast=False).generate(prompts, cands, cfg))
+    assert dump(engine(model, tok, genome, fast=True, **STATIC).generate(prompts, cands, cfg)) == ref
+
+
+# ------------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_graphs_match_hf_path(tiny):
+    """fp32 on CUDA: captured decode steps (kv buckets, compaction to 1/2, 1/4 … rows, kept graphs) give
+    the HF path's tokens."""
+    model, tok, genome, cands, prompts, _, extra_eos = tiny
+    model = copy.deepcopy(model).cuda()
+    cfg = SamplingConfig(max_new_tokens=24)
+    ref = dump(engine(model, tok, genome, fast=False, eos=extra_eos).generate(prompts, cands, cfg))
+    fast = engine(model, tok, genome, fast=True, eos=extra_eos, min_graph_rows=1, kv_bucket=16)
+    assert fast._fast.cuda_graphs
+    assert dump(fast.generate(prompts, cands, cfg)) == ref
+    sess = fast._fast._session
+    assert not fast._fast._graph_failed and sess.graphs and sess.children
+    assert dump(fast.generate(prompts, cands, cfg)) == ref  # replays the kept graphs
+    assert fast._fast._session is sess
+    cfg = SamplingConfig(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=3, num_samples=2)
+    assert dump(fast.generate(prompts, cands, cfg)) == dump(fast.generate(prompts, cands, cfg))
+
+
+@cuda
+@pytest.mark.real
+def test_cuda_real_model(real_model_name, tmp_path):
+    """SmolLM2 on CUDA: fp32 tokens equal the HF path's; bf16 runs with graphs and ends rows like HF."""
+    model, tok = load_model(real_model_name, device="cuda", dtype="float32")
+    genome = load_genome(random_adapter(model, tmp_path / "a", std=0.02))
+    cands = np.random.default_rng(1).normal(0, 0.05, (8, genome.dimension)).astype(np.float32)
+    prompts = chat_prompts(tok, ["What is 12 times 3?", "Natalia sold 48 clips in April and half as many in May. "
+                                 "How many clips did she sell?"], "Please reason step by step.")
+    cfg = SamplingConfig(max_new_tokens=64)
+    ref = dump(engine(model, tok, genome, fast=False).generate(prompts, cands, cfg))
+    assert dump(engine(model, tok, genome, fast=True).generate(prompts, cands, cfg)) == ref
+    fast = engine(model.to(torch.bfloat16), tok, genome, fast=True)
+    out = fast.generate(prompts, cands, cfg)
+    assert not fast._fast._graph_failed and fast._fast._session.graphs
+    assert all(x[0].finish_reason in ("eos", "length") and x[0].token_ids for y in out for x in y)
