@@ -1,5 +1,12 @@
 """essa: align language models with evolution strategies over LoRA singular values (ESSA)."""
 
+import logging
+
+# torchao (imported by peft/transformers when present) logs kernel-library load failures and pytree
+# warnings on CPU builds of torch at every import; they are harmless for essa.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
 __version__ = "0.1.0"
 
 

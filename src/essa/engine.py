@@ -102,7 +102,8 @@ def install_population_lora(model: nn.Module, genome: Genome, dtype: torch.dtype
             base = base.base
         weight = getattr(base, "weight", None)
         dev = weight.device if weight is not None else next(model.parameters()).device
-        dt = dtype or (weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
+        dt = dtype or getattr(base, "essa_output_dtype", None) or (
+            weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
         M = genome.U_A[i].t() @ genome.Vh_B[i].t()
         wrapper = PopulationLoRA(base, genome.Vh_A[i].to(dev, dt), M.to(dev, dt),
                                  (genome.U_B[i] * genome.scaling).to(dev, dt))
