@@ -42,25 +42,17 @@ from pathlib import Path
 from essa import EssaError
 from essa.config import help_field, to_dict
 from essa.engine import SamplingConfig
+from essa.trainer import RunConfig
 
 #: optimizer steps per rollout batch in the paper: global batch 512 / mini batch 64
 PAPER_UPDATES_PER_ROLLOUT = 8
 
 
 @dataclass
-class GRPORunConfig:
+class GRPORunConfig(RunConfig):
     """`essa grpo`: GRPO (TRL GRPOTrainer) on the LoRA of an SFT adapter, validated like `essa train`."""
 
-    # -- what to align (same meaning as in `essa train`)
-    model: str = help_field("smollm2-135m-instruct", "base model: alias, hub id or local folder")
-    adapter: str = help_field("", "SFT LoRA adapter folder (output of `essa sft`): the starting point; its LoRA keeps training")
-    task: str = help_field("gsm8k", "task: gsm8k | math | ifeval (data splits, prompts, default reward, metrics)")
-    reward: str | list | None = help_field(None, "reward: null = the task's reward; a task name; 'module:function'; "
-                                           "'reward_model:PATH'; or a list of {reward, weight} (as in `essa train`)")
-    system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
-    train_data: str | None = help_field(None, "RL prompts: split name, .jsonl or HF id (default: the task's RL split)")
-    val_size: int = help_field(200, "validation examples carved (seeded, as in `essa train`) from the RL data; never trained on")
-    test_limit: int | None = help_field(None, "test examples for the final report (null = all, 0 = skip test)")
+    # what to align: model, adapter, task, reward, system_prompt, train_data, val_size, test_limit (RunConfig)
     generation: SamplingConfig = field(
         default_factory=lambda: SamplingConfig(max_new_tokens=256),
         metadata={"help": "max_new_tokens: rollout length (TRL max_completion_length) and validation/test length; "

@@ -37,19 +37,24 @@ CHECKPOINT = "checkpoint.npz"
 
 
 @dataclass
-class TrainConfig:
-    """`essa train`: ESSA over the singular values of an SFT LoRA adapter."""
+class RunConfig:
+    """What to align: the fields `essa train` and `essa grpo` share (same meaning in both)."""
 
-    # -- what to align
     model: str = help_field("smollm2-135m-instruct", "base model: alias, hub id or local folder")
-    adapter: str = help_field("", "SFT LoRA adapter folder (output of `essa sft`): the starting point (offset 0)")
+    adapter: str = help_field("", "SFT LoRA adapter folder (output of `essa sft`): the starting point")
     task: str = help_field("gsm8k", "task: gsm8k | math | ifeval (data splits, prompts, default reward, metrics)")
-    reward: str | list | None = help_field(None, "fitness reward: null = the task's reward; a task name; "
+    reward: str | list | None = help_field(None, "reward: null = the task's reward; a task name; "
                                            "'module:function'; 'reward_model:PATH'; or a list of {reward, weight}")
     system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
     train_data: str | None = help_field(None, "RL prompts: split name, .jsonl or HF id (default: the task's RL split)")
     val_size: int = help_field(200, "validation examples carved (seeded) from the RL data; never trained on")
     test_limit: int | None = help_field(None, "test examples for the final report (null = all, 0 = skip test)")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """`essa train`: ESSA over the singular values of an SFT LoRA adapter."""
+
     # -- genome and strategy
     alpha: float = help_field(1.0, "fraction of each factor's singular values that are trainable (k = floor(alpha*r))")
     clamp_min: float | None = help_field(None, "clamp singular values from below (e.g. 0.0); null = no clamp (sign flips allowed)")
