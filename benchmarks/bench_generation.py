@@ -90,12 +90,12 @@ def main():
                     inp[i, T - len(x):] = torch.tensor(x)
                     att[i, T - len(x):] = 1
                 reset_peak(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 with torch.inference_mode():
                     out = model.generate(inp.to(device), attention_mask=att.to(device), max_new_tokens=args.new_tokens,
                                          do_sample=False, pad_token_id=tok.pad_token_id)
                 sync(device)
-                dt = time.perf_counter() - t
+                dt, dc = time.perf_counter() - t, time.process_time() - c
                 gen = out[:, T:]
                 steps = gen.shape[1]
                 stop = [model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else list(model.generation_config.eos_token_id or [])
@@ -118,14 +118,16 @@ def main():
                 if mode == "engine_pop":
                     cands = np.random.default_rng(0).normal(0, args.sigma, (K, genome.dimension)).astype(np.float32)
                 reset_peak(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 eng.generate(ids, cands, sampling)
                 sync(device)
-                dt = time.perf_counter() - t
+                dt, dc = time.perf_counter() - t, time.process_time() - c
                 slot, useful = eng.stats.slot_tokens, eng.stats.useful_tokens
                 del m, eng
             rec = {"mode": mode, "batch": batch, "seconds": round(dt, 3), "slot_tokens": slot, "useful_tokens": useful,
                    "slot_tok_s": round(slot / dt, 1), "useful_tok_s": round(useful / dt, 1),
+                   # CPU time of this process: a steadier measure than wall time on a shared CPU
+                   "cpu_seconds": round(dc, 3), "slot_tok_per_cpu_s": round(slot / dc, 1),
                    "peak_memory_mb": round(peak_mb(device), 1)}
             results.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)
@@ -133,7 +135,8 @@ def main():
         "benchmark": "generation", "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "model": args.model, "new_tokens": args.new_tokens, "candidates": args.candidates,
-        "dtype": str(next(model.parameters()).dtype), "results": results}, indent=2))
+        "dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads(),
+        "load_average": list(__import__("os").getloadavg()), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
