@@ -100,3 +100,17 @@ def test_cli_flags_parse_like_yaml():
     bad = build_parser().parse_args(["sft", "--rank", "eight"])
     with pytest.raises(EssaError, match="rank must be int"):
         _build(SFTConfig, bad)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from essa.config import load_yaml
+    from essa.config import from_dict as build
+    from essa.grpo import GRPORunConfig
+    from essa.trainer import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("gsm8k-smollm2", "math-smollm2", "ifeval-smollm2"):
+        assert build(TrainConfig, load_yaml(root / f"{name}.yaml")).adapter
+    assert build(GRPORunConfig, load_yaml(root / "grpo-gsm8k.yaml")).lr == 1e-5
