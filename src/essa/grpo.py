@@ -273,10 +273,9 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from peft import PeftModel
     from transformers import TrainerCallback
 
-    from essa.evaluate import resolve_system_prompt, write_jsonl_atomic
+    from essa.evaluate import write_jsonl_atomic
     from essa.models import load_model
-    from essa.rewards import resolve_reward
-    from essa.tasks import get_task, load_rows
+    from essa.tasks import load_rows
 
     GRPOTrainer = _import_trl()
     import trl
@@ -291,12 +290,9 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    task = get_task(cfg.task)
-    system_prompt = resolve_system_prompt(task, cfg.system_prompt)
-    reward_fn = resolve_reward(cfg.reward, device=cfg.device) if cfg.reward is not None else task.reward
-    from essa.tasks import split_rl_data
+    from essa.trainer import task_setup
 
-    val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
+    task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
     if cfg.generation.stop:
         print("essa grpo: generation.stop applies to validation/test only; TRL rollouts end at EOS or max_new_tokens")
 

@@ -91,6 +91,17 @@ class TrainConfig(RunConfig):
 
 # ------------------------------------------------------------------------------ small helpers
 
+def task_setup(cfg: RunConfig):
+    """(task, system prompt, reward function, validation rows, training rows) of a run; `essa train` and
+    `essa grpo` share it, so both see the same prompts, reward and held-out validation rows."""
+    from essa.rewards import resolve_reward
+
+    task = get_task(cfg.task)
+    reward_fn = resolve_reward(cfg.reward, device=cfg.device) if cfg.reward is not None else task.reward
+    val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
+    return task, resolve_system_prompt(task, cfg.system_prompt), reward_fn, val_rows, train_rows
+
+
 def _atomic_write_bytes(path: Path, data: bytes):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
@@ -169,7 +180,6 @@ class DataStream:
 def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dict:
     from tqdm import tqdm
 
-    from essa.rewards import resolve_reward
     from essa.strategies import DEFAULT_SIGMA0, make_strategy
 
     run_dir = Path(cfg.output_dir)
@@ -179,10 +189,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    task = get_task(cfg.task)
-    system_prompt = resolve_system_prompt(task, cfg.system_prompt)
-    reward_fn = resolve_reward(cfg.reward, device=cfg.device) if cfg.reward is not None else task.reward
-    val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
+    task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
 
     engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,
                           cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows)
