@@ -5,26 +5,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from essa import EssaError
+from helpers import random_adapter
+
 from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
 from essa.genome import export_adapter, load_genome
 from essa.models import load_model
 
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a long poem about the sea and the sky, please."]
-
-
-def random_adapter(model, path, seed=0, std=None):
-    torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False))
-    if std is not None:
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                torch.nn.init.normal_(p, std=std)
-    pm.save_pretrained(path)
-    return path
 
 
 def hf_greedy(model, prompt_ids, eos, pad, new_tokens):

@@ -10,9 +10,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from essa import EssaError
+from helpers import random_adapter
+
 from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
 from essa.fast_decode import FastDecoder, unsupported_reason
 from essa.genome import load_genome
@@ -21,18 +22,6 @@ from essa.models import load_model
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a long poem about the sea and the sky, please."]
 FUSED = 1 << 30  # fuse_budget_bytes: the CUDA default (CPU default: no fused weight copies)
 STATIC = dict(static_shapes=True, check_every=3, kv_bucket=8, min_graph_rows=1, fuse_budget_bytes=FUSED)
-
-
-def random_adapter(model, path, seed=0, std=None, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
-    torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=8, lora_alpha=16, target_modules=list(targets), init_lora_weights=False))
-    if std is not None:
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                torch.nn.init.normal_(p, std=std)
-    pm.save_pretrained(path)
-    return path
 
 
 def engine(model, tok, genome, fast, eos=(), **opts):

@@ -9,8 +9,10 @@ import yaml
 
 pytest.importorskip("trl", reason="the GRPO baseline needs TRL: pip install 'essa[grpo]'")
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
+from helpers import random_adapter
 
 from essa import EssaError  # noqa: E402
 from essa.cli import main  # noqa: E402
@@ -28,22 +30,11 @@ def vowel_fraction(prompts, completions, **columns):
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP oversubscription (10-50x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     model, _ = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    pm.save_pretrained(root / "sft")
+    random_adapter(model, root / "sft", rank=4, targets=("q_proj", "v_proj"))
     (root / "sft" / "essa_sft_config.json").write_text(json.dumps({"wall_time_s": 12.5}))
     (root / "rewards_for_tests.py").write_text(REWARD)
     return root, tiny_model_dir

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
+
+from helpers import random_adapter
 
 from essa import EssaError
 from essa.cli import main
@@ -36,9 +37,7 @@ def flaky(prompts, completions, **columns):
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
     model, _ = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    pm.save_pretrained(root / "sft")
+    random_adapter(model, root / "sft", rank=4, targets=("q_proj", "v_proj"))
     (root / "rewards_for_tests.py").write_text(REWARD)
     return root, tiny_model_dir
 
