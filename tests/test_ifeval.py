@@ -239,3 +239,17 @@ def test_write_jsonl_atomic(tmp_path):
     path = write_jsonl(rows, tmp_path / "sub" / "data.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
     assert [p.name for p in path.parent.iterdir()] == ["data.jsonl"]
+
+
+def test_data_cli_rejection_sampling_tiny_model(tiny_model_dir, tmp_path, capsys):
+    from essa.cli import main
+
+    out = tmp_path / "sft.jsonl"
+    main(["data", "ifeval-like", "--n", "3", "--seed", "2", "--out", str(out), "--responses",
+          "--model", tiny_model_dir, "--samples", "2", "--max-new-tokens", "6"])
+    printed = capsys.readouterr().out
+    assert "kept" in printed and '"with_responses": true' in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) <= 3
+    for r in rows:  # only responses that pass every check of their own prompt are kept
+        assert r["response"] and all(check_row(r, r["response"]))

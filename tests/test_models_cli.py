@@ -66,6 +66,16 @@ def test_config_help_lists_every_field(capsys):
 
 
 @pytest.mark.real
+@pytest.mark.parametrize("argv", [[], ["sft"], ["genome", "info"], ["eval"], ["train"], ["report"],
+                                  ["data", "ifeval-like"], ["grpo"], ["compare"], ["demo"], ["config-help"]])
+def test_every_command_help_renders(argv, capsys):
+    # argparse %-formats help strings: a bare '%' in a config docstring used to crash `essa eval --help`
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--help"])
+    assert e.value.code == 0
+    assert "usage: essa" in capsys.readouterr().out
+
+
 def test_real_model_resolves_offline_and_chats(real_model_name):
     path = resolve_model(real_model_name)
     assert str(cache_dir()) in path

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 import typing
 
 import yaml
@@ -21,7 +22,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
         if dataclasses.is_dataclass(hints[f.name]):
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                            metavar="VALUE", help=f.metadata.get("help", ""))
+                            metavar="VALUE", help=f.metadata.get("help", "").replace("%", "%%"))
     parser.add_argument("--config", help="YAML file with any of these fields")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (dotted keys for sections), repeatable")
@@ -108,11 +109,21 @@ def cmd_data_ifeval_like(args):
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95,
                                   num_samples=args.samples, seed=args.seed)
 
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rows), desc="rejection sampling", unit="prompt")
+
         def generate(prompts, n):
             out = engine.generate(chat_prompts(engine.tokenizer, prompts), None, sampling)[0]
+            bar.update(len(prompts))
             return [[c.text for c in samples] for samples in out]
 
-        rows = rejection_sample(rows, generate, args.samples, batch_size=64)
+        t0 = time.perf_counter()
+        n_prompts = len(rows)
+        rows = rejection_sample(rows, generate, args.samples, batch_size=16)
+        bar.close()
+        print(f"essa: kept {len(rows)} of {n_prompts} prompts ({args.samples} samples each, "
+              f"{time.perf_counter() - t0:.0f} s, {engine.stats.useful_tokens} tokens)")
     path = write_jsonl(rows, args.out)
     print(json.dumps({"rows": len(rows), "out": str(path), "with_responses": bool(args.responses)}, indent=2))
 
