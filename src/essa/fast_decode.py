@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import Sequence
 
 import torch
@@ -272,7 +273,9 @@ class _Session:
 
     def __init__(self, dec: "FastDecoder", N: int, T_alloc: int, root: "_Session | None" = None):
         dev, dt = dec.device, dec.dtype
-        self.N, self.T_alloc, self.root = N, T_alloc, root or self
+        # No reference cycles: a dropped session (GBs of KV cache) must be freed at once by reference
+        # counting, not whenever Python's cyclic GC next runs (a child refers to its root weakly).
+        self.N, self.T_alloc, self._root = N, T_alloc, None if root is None else weakref.ref(root)
         if root is None:
             self.cache = torch.zeros(dec.n_layers, 2, N, dec.kv_heads, T_alloc, dec.head_dim, dtype=dt, device=dev)
             self.logits = torch.empty(N, dec.vocab_out, dtype=dec.logits_dtype, device=dev)
@@ -293,6 +296,10 @@ class _Session:
             self.s[id(g)] = (torch.ones(N, 1, Gr, dtype=g.lora_dtype, device=dev),
                              torch.ones(N, 1, Gr, dtype=g.lora_dtype, device=dev))
         self.graphs: dict[int, tuple] = {}
+
+    @property
+    def root(self) -> "_Session":
+        return self if self._root is None else self._root()
 
     def child(self, dec: "FastDecoder", N: int, keep: bool) -> "_Session":
         root = self.root
