@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import resource
 import sys
@@ -136,7 +137,7 @@ def main():
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "model": args.model, "new_tokens": args.new_tokens, "candidates": args.candidates,
         "dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads(),
-        "load_average": list(__import__("os").getloadavg()), "results": results}, indent=2))
+        "load_average": list(os.getloadavg()), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

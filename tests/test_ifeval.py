@@ -248,8 +248,8 @@ def test_data_cli_rejection_sampling_tiny_model(tiny_model_dir, tmp_path, capsys
     main(["data", "ifeval-like", "--n", "3", "--seed", "2", "--out", str(out), "--responses",
           "--model", tiny_model_dir, "--samples", "2", "--max-new-tokens", "6"])
     printed = capsys.readouterr().out
-    assert "kept" in printed and '"with_responses": true' in printed
+    assert '"with_responses": true' in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) <= 3
+    assert f"kept {len(rows)} of 3 prompts (2 samples each" in printed  # the summary matches the file
     for r in rows:  # only responses that pass every check of their own prompt are kept
         assert r["response"] and all(check_row(r, r["response"]))

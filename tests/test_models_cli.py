@@ -65,7 +65,6 @@ def test_config_help_lists_every_field(capsys):
         assert key in text
 
 
-@pytest.mark.real
 @pytest.mark.parametrize("argv", [[], ["sft"], ["genome", "info"], ["eval"], ["train"], ["report"],
                                   ["data", "ifeval-like"], ["grpo"], ["compare"], ["demo"], ["config-help"]])
 def test_every_command_help_renders(argv, capsys):
@@ -76,6 +75,7 @@ def test_every_command_help_renders(argv, capsys):
     assert "usage: essa" in capsys.readouterr().out
 
 
+@pytest.mark.real
 def test_real_model_resolves_offline_and_chats(real_model_name):
     path = resolve_model(real_model_name)
     assert str(cache_dir()) in path

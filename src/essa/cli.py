@@ -111,16 +111,17 @@ def cmd_data_ifeval_like(args):
 
         from tqdm import tqdm
 
-        bar = tqdm(total=len(rows), desc="rejection sampling", unit="prompt")
+        bar = tqdm(total=len(rows) * args.samples, desc="rejection sampling", unit="row")
 
         def generate(prompts, n):
-            out = engine.generate(chat_prompts(engine.tokenizer, prompts), None, sampling)[0]
-            bar.update(len(prompts))
+            base = bar.n
+            out = engine.generate(chat_prompts(engine.tokenizer, prompts), None, sampling,
+                                  progress=lambda done, _: bar.update(base + done - bar.n))[0]
             return [[c.text for c in samples] for samples in out]
 
-        t0 = time.perf_counter()
-        n_prompts = len(rows)
-        rows = rejection_sample(rows, generate, args.samples, batch_size=16)
+        t0, n_prompts = time.perf_counter(), len(rows)
+        # 64 prompts per call: the sampler's keys count prompts within a call, so this fixes the output
+        rows = rejection_sample(rows, generate, args.samples, batch_size=64)
         bar.close()
         print(f"essa: kept {len(rows)} of {n_prompts} prompts ({args.samples} samples each, "
               f"{time.perf_counter() - t0:.0f} s, {engine.stats.useful_tokens} tokens)")

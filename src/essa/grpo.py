@@ -276,6 +276,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from essa.evaluate import write_jsonl_atomic
     from essa.models import load_model
     from essa.tasks import load_rows
+    from essa.trainer import task_setup
 
     GRPOTrainer = _import_trl()
     import trl
@@ -289,8 +290,6 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
                         f"pass the output folder of `essa sft`")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-
-    from essa.trainer import task_setup
 
     task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
     if cfg.generation.stop:
