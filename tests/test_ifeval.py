@@ -123,7 +123,7 @@ def test_task_splits_and_registry():
     assert get_task("ifeval") is IFEVAL
     test = ifeval_rows("test")
     assert len(test) == 541 and len({r["key"] for r in test}) == 541
-    assert IFEVAL.system_prompt is None and IFEVAL.sft_target is None
+    assert IFEVAL.system_prompt == "You are a helpful, honest, and concise assistant." and IFEVAL.sft_target is None
     assert IFEVAL.reward is ifeval_reward and IFEVAL.evaluate is ifeval_evaluate
     assert len(instruction_ids()) == 25
 

@@ -58,7 +58,7 @@ from essa import EssaError
 #: compare's own keys in the YAML file (everything else is the shared section)
 OWN_KEYS = ("output_dir", "budget_minutes", "threshold", "sft_config", "essa", "grpo")
 #: fields that must be equal in both methods' configs for the comparison to mean anything
-SAME_FOR_BOTH = ("model", "adapter", "task", "reward", "system_prompt", "train_data", "val_size", "test_limit",
+SAME_FOR_BOTH = ("model", "adapter", "task", "reward", "system_prompt", "train_data", "val_size", "val_metric", "test_data", "test_limit",
                  "seed", "device", "dtype", "quantization")
 #: set by compare itself
 FORCED = ("output_dir", "max_minutes")
@@ -122,6 +122,9 @@ def build_configs(data: dict, budget_minutes: float | None = None):
 
     essa_cfg = build(TrainConfig, "essa", {"generations": UNBOUNDED, "eval_every": UNBOUNDED})
     grpo_cfg = build(GRPORunConfig, "grpo", {"max_steps": UNBOUNDED, "eval_every_steps": None})
+    if essa_cfg.validate_best_candidate:
+        raise EssaError("essa.validate_best_candidate would make ESSA validate two models per validation where GRPO "
+                        "validates one; remove it so both arms validate the same number of models")
     for key in SAME_FOR_BOTH + ("eval_every_seconds",):
         a, b = getattr(essa_cfg, key), getattr(grpo_cfg, key)
         if a != b:

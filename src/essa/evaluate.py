@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -33,10 +34,53 @@ class EvalConfig:
     memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
     max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
     output: str | None = help_field(None, "per-example jsonl path (default: eval-<task>.jsonl in the current folder)")
+    num_samples: int = help_field(1, "k > 1: also sample k completions per prompt and report avg@k and pass@k beside greedy accuracy")
+    temperature: float = help_field(0.6, "sampling temperature of the k samples (num_samples > 1)")
+    top_p: float = help_field(0.95, "nucleus sampling of the k samples (num_samples > 1)")
+    seed: int = help_field(0, "seed of the counter-based sampler (num_samples > 1)")
+
+    def validate(self):
+        from essa import EssaError
+
+        if self.num_samples < 1 or not (self.temperature > 0) or not (0 < self.top_p <= 1):
+            raise EssaError(f"num_samples must be >= 1, temperature > 0 and 0 < top_p <= 1 (got {self.num_samples}, "
+                            f"{self.temperature}, {self.top_p}); e.g. --num-samples 8 --temperature 0.6 --top-p 0.95")
 
 
 def resolve_system_prompt(task: Task, value: str | None) -> str | None:
     return task.system_prompt if value == "task" else value
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 − C(n−c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def row_scores(metrics: dict) -> list[float]:
+    """Per-row correctness of a task evaluation (its ``scores``; IFEval: prompt-level strict)."""
+    if "scores" in metrics:
+        return [float(x) for x in metrics["scores"]]
+    return [float(r["strict_all"]) for r in metrics["results"]]
+
+
+def sampled_metrics(task: Task, rows: list[dict], per_prompt: list[list]) -> dict:
+    """avg@k (every float metric of the task averaged over the k samples) and pass@k for k = 1, 2, 4, …, n.
+
+    per_prompt[p][s]: completion s of prompt p. A row counts as correct when its score is ≥ 0.5.
+    """
+    n = len(per_prompt[0])
+    per_sample = [task.evaluate(rows, [samples[s].text for samples in per_prompt]) for s in range(n)]
+    out = {}
+    for key, v in per_sample[0].items():
+        if isinstance(v, float) or (isinstance(v, int) and key != "n" and not isinstance(v, bool)):
+            out[f"avg@{n}" + ("" if key == "accuracy" else f"/{key}")] = sum(m[key] for m in per_sample) / n
+    correct = [sum(row_scores(m)[p] >= 0.5 for m in per_sample) for p in range(len(rows))]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n} | {n})
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / max(1, len(rows))
+    return out
 
 
 def generate_and_score(engine: PopulationEngine, task: Task, rows: list[dict], candidates=None,
@@ -70,12 +114,12 @@ def write_jsonl_atomic(records, path: str | Path) -> Path:
 
 def build_engine(model: str, adapter: str | None, device: str = "auto", dtype: str = "auto",
                  quantization: str = "none", alpha: float = 1.0, clamp_min: float | None = None,
-                 memory_budget_gb: float | None = None, max_batch_rows: int | None = None):
+                 memory_budget_gb: float | None = None, max_batch_rows: int | None = None, balance: bool = True):
     """Base model (+ quantization) with the adapter's genome installed as the per-row LoRA path."""
     from essa.genome import load_genome
     from essa.models import load_model, quantize_model
 
-    genome = load_genome(adapter, alpha) if adapter else None
+    genome = load_genome(adapter, alpha, balance) if adapter else None
     m, tok = load_model(model, device=device, dtype=dtype)
     quantize_model(m, quantization)
     return PopulationEngine(m, tok, genome, clamp_min=clamp_min, memory_budget_gb=memory_budget_gb,
@@ -97,6 +141,18 @@ def run_eval(cfg: EvalConfig) -> dict:
         engine, task, rows, None, SamplingConfig(max_new_tokens=cfg.max_new_tokens),
         resolve_system_prompt(task, cfg.system_prompt), progress)
     bar.close()
+    sampled = {}
+    if cfg.num_samples > 1:
+        system_prompt = resolve_system_prompt(task, cfg.system_prompt)
+        ids = chat_prompts(engine.tokenizer, [r["prompt"] for r in rows], system_prompt)
+        bar = tqdm(total=len(rows) * cfg.num_samples, desc=f"eval {cfg.task} x{cfg.num_samples} samples", unit="row")
+        progress = lambda done, toks: (bar.update(done - bar.n), bar.set_postfix(tok=toks))  # noqa: E731
+        (per_prompt,) = engine.generate(ids, None, SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            num_samples=cfg.num_samples, seed=cfg.seed), progress=progress)
+        bar.close()
+        sampled = {"sampling": {"num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                                "seed": cfg.seed}, **sampled_metrics(task, rows, per_prompt)}
     wall = time.perf_counter() - t0
     out_path = Path(cfg.output or f"eval-{cfg.task}.jsonl")
     per_example = metrics.pop("results", None) or [{} for _ in rows]
@@ -105,7 +161,8 @@ def run_eval(cfg: EvalConfig) -> dict:
                          "score": s, **extra}
                         for r, c, s, extra in zip(rows, completions, scores, per_example)), out_path)
     st = engine.stats
-    summary = {"task": cfg.task, "model": cfg.model, "adapter": cfg.adapter, "data": source, **metrics,
+    summary = {"task": cfg.task, "model": cfg.model, "adapter": cfg.adapter, "data": source,
+               "system_prompt": resolve_system_prompt(task, cfg.system_prompt), **metrics, **sampled,
                "wall_seconds": round(wall, 2), "generated_tokens": st.useful_tokens,
                "tokens_per_second": round(st.useful_tokens / max(wall, 1e-9), 1),
                "device": str(engine.device), "quantization": cfg.quantization, "output": str(out_path)}

@@ -170,7 +170,8 @@ class _Group:
         if self.wrapped:
             ws = [modules[j] for j in self.wrapped]
             self.r = ws[0].M.shape[0]
-            self.lora_dtype = ws[0].M.dtype
+            self.lora_dtype = ws[0].M.dtype          # fp32: the r-dimensional path (engine.LORA_DTYPE)
+            self.io_dtype = ws[0].Vh_A_t.dtype       # in→r and r→out projections: the base's dtype
             self.Vh = torch.cat([w.Vh_A_t for w in ws], dim=1)                      # [in, G·r]
             self.M_stack = torch.stack([w.M for w in ws])                           # [G, r, r]
             self.M_bd = torch.block_diag(*[w.M for w in ws])                         # [G·r, G·r]
@@ -186,7 +187,7 @@ class _Group:
         w0 = self.bases[0].weight
         if any(b.weight.dtype != w0.dtype or b.weight.device != w0.device for b in self.bases):
             return False
-        return not self.wrapped or self.lora_dtype == w0.dtype
+        return not self.wrapped or self.io_dtype == w0.dtype
 
     def fused_bytes(self) -> int:
         w = self.bases[0].weight
@@ -219,7 +220,7 @@ class _Group:
         else:
             self.b = None
         if self.wrapped:  # U_B as one block matrix over ALL outputs (zero blocks for unadapted members)
-            U = torch.zeros(self.Vh.shape[1], O, dtype=self.lora_dtype, device=self.Vh.device)
+            U = torch.zeros(self.Vh.shape[1], O, dtype=self.io_dtype, device=self.Vh.device)
             starts = [sum(self.out_sizes[:j]) for j in range(len(ws))]
             for g, (j, w) in enumerate(zip(self.wrapped, self.wrapped_out)):
                 U[g * self.r:(g + 1) * self.r, starts[j]:starts[j] + w] = self.modules[j].U_B_t
@@ -234,7 +235,8 @@ class _Group:
 
     # ---- forward
     def _mix(self, h):
-        h = h * self.sA
+        """The r-dimensional middle, in fp32: (h ⊙ s_A) · M ⊙ s_B; returned in the projections' dtype."""
+        h = h.to(self.lora_dtype) * self.sA
         if len(self.wrapped) == 1:
             h = h @ self.M_stack[0]
         elif self.lora_mix == "bmm":
@@ -244,7 +246,7 @@ class _Group:
             h = h.transpose(0, 1).reshape(N, t, G * self.r)
         else:
             h = h @ self.M_bd
-        return h * self.sB
+        return (h * self.sB).to(self.io_dtype)
 
     def __call__(self, x) -> list[torch.Tensor]:
         if self.W is not None:
@@ -255,7 +257,7 @@ class _Group:
             return list(y.split(self.out_sizes, dim=-1)) if len(self.out_sizes) > 1 else [y]
         outs = [b(x) for b in self.bases]
         if self.wrapped:
-            h = self._mix(x.to(self.lora_dtype) @ self.Vh)
+            h = self._mix(x.to(self.io_dtype) @ self.Vh)
             lora = (h @ self.U_wrapped).split(self.wrapped_out, dim=-1)
             for j, l in zip(self.wrapped, lora):
                 outs[j] = outs[j] + l.to(outs[j].dtype)

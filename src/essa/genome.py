@@ -5,6 +5,13 @@ For every adapted module, each LoRA factor is decomposed separately with a thin 
     A = U_A · diag(s_A) · Vh_A        (A: r × in)
     B = U_B · diag(s_B) · Vh_B        (B: out × r)
 
+Before the SVD each LoRA pair is **balanced** (``balance=True``, the default): A ← A/c, B ← B·c with
+c = sqrt(‖A‖_F / ‖B‖_F), so both factors' singular values are on one scale. B·A (hence ΔW, the
+zero-offset adapter and every export's ΔW) is unchanged; what changes is how far an additive offset
+moves the model: unbalanced, A's singular values are ≈ 0.58 (PEFT init) and B's ≈ 0.01-0.1 after a
+short SFT, so the same offset is a 2 % change through s_A and a 10-100 % change through s_B, and the
+A half of the genome is nearly inert (measured in README, "Choices where the paper is silent").
+
 The bases U and Vh are frozen. The trainable values are the top k = ⌊α·r⌋ singular values of every
 factor. A *candidate* is an **offset** added to those SFT singular values, so the zero vector is the
 SFT adapter itself. Layout of the flat vector (dimension = modules · 2 · k, where modules = layers ·
@@ -52,6 +59,7 @@ class Genome:
     scaling: float            #: LoRA scaling (lora_alpha / r, or / sqrt(r) with rsLoRA)
     adapter_config: dict      #: the adapter_config.json of the source adapter
     key_prefix: str           #: prefix of the tensor names in adapter_model.safetensors
+    balanced: bool = False    #: factors were balanced (A/c, B·c) before the SVD
 
     @property
     def dimension(self) -> int:
@@ -82,8 +90,21 @@ def trainable_count(rank: int, alpha: float) -> int:
     return k
 
 
-def load_genome(adapter_dir: str | os.PathLike, alpha: float = 1.0) -> Genome:
-    """Read a PEFT LoRA adapter folder and decompose every factor."""
+def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A/c, B·c) with c = sqrt(‖A‖_F/‖B‖_F): equal Frobenius norms, the same product B·A.
+
+    A zero factor (B right after PEFT's init) has no scale to balance against: returned unchanged.
+    """
+    na, nb = float(A.norm()), float(B.norm())
+    if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
+        return A, B
+    c = math.sqrt(na / nb)
+    return A / c, B * c
+
+
+def load_genome(adapter_dir: str | os.PathLike, alpha: float = 1.0, balance: bool = True) -> Genome:
+    """Read a PEFT LoRA adapter folder, balance every LoRA pair (see the module docstring) and
+    decompose every factor."""
     adapter_dir = Path(adapter_dir)
     cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not cfg_path.exists() or not weights.exists():
@@ -120,6 +141,8 @@ def load_genome(adapter_dir: str | os.PathLike, alpha: float = 1.0) -> Genome:
         A, B = factors[name]["A"].double(), factors[name]["B"].double()
         if A.shape[0] != rank or B.shape[1] != rank:
             raise EssaError(f"module {name} has rank {A.shape[0]}, expected {rank} from adapter_config.json")
+        if balance:
+            A, B = balance_factors(A, B)
         u, s, vh = torch.linalg.svd(A, full_matrices=False)
         U_A.append(u), s_A.append(s), Vh_A.append(vh)
         u, s, vh = torch.linalg.svd(B, full_matrices=False)
@@ -128,7 +151,7 @@ def load_genome(adapter_dir: str | os.PathLike, alpha: float = 1.0) -> Genome:
     return Genome(modules=modules, U_A=torch.stack(f32(U_A)), s_A=torch.stack(f32(s_A)),
                   Vh_A=f32(Vh_A), U_B=f32(U_B), s_B=torch.stack(f32(s_B)), Vh_B=torch.stack(f32(Vh_B)),
                   rank=rank, k=k, alpha=alpha, scaling=float(scaling),
-                  adapter_config=cfg, key_prefix=prefix or "")
+                  adapter_config=cfg, key_prefix=prefix or "", balanced=bool(balance))
 
 
 def singular_values(genome: Genome, offsets: torch.Tensor, clamp_min: float | None = None):

@@ -276,7 +276,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from essa.evaluate import write_jsonl_atomic
     from essa.models import load_model
     from essa.tasks import load_rows
-    from essa.trainer import task_setup
+    from essa.trainer import resolve_val_metric, task_setup, validation_score
 
     GRPOTrainer = _import_trl()
     import trl
@@ -292,6 +292,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
+    val_metric = resolve_val_metric(cfg, task)
     if cfg.generation.stop:
         print("essa grpo: generation.stop applies to validation/test only; TRL rollouts end at EOS or max_new_tokens")
 
@@ -323,7 +324,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix=".current-", dir=adapters))
         try:
             peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
-            acc = validator.run(tmp, val_rows, val_ids)[0]["accuracy"]
+            acc = validation_score(task, val_metric, reward_fn, val_rows, validator.run(tmp, val_rows, val_ids)[1])
             st["validations"] += 1
             if acc > st["best_val"]:
                 st["best_val"], st["best_val_step"] = acc, step
@@ -433,12 +434,14 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
 
         gc.collect()
         torch.cuda.empty_cache()
-    if cfg.test_limit != 0:
-        test_rows = load_rows(task, task.test_split, limit=cfg.test_limit)
+    test_source = cfg.test_data or task.test_split
+    if cfg.test_limit != 0 and test_source is not None:
+        test_rows = load_rows(task, test_source, limit=cfg.test_limit)
         test_ids = validator.prompt_ids(test_rows)
+        summary["test_metric"] = val_metric
         for name, folder in (("sft", cfg.adapter), ("best", adapters / "best"), ("final", final_dir)):
-            metrics, texts = validator.run(folder, test_rows, test_ids)
-            summary[f"test_{name}"] = metrics["accuracy"]
+            _, texts = validator.run(folder, test_rows, test_ids)
+            summary[f"test_{name}"] = validation_score(task, val_metric, reward_fn, test_rows, texts)
             write_jsonl_atomic(({"prompt": r["prompt"], "completion": t} for r, t in zip(test_rows, texts)),
                                run_dir / f"test-{name}.jsonl")
         summary["test_n"] = len(test_rows)

@@ -211,7 +211,7 @@ def combine_rewards(parts: Iterable[tuple[RewardFn, float]]) -> RewardFn:
 
 
 def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remote_code: bool = False,
-                   system_prompt: str | None = None) -> RewardFn:
+                   system_prompt: str | None = None, max_length: int | None = None) -> RewardFn:
     """A reward function from a spec (see the module docstring); a callable is returned unchanged.
 
     ``device``, ``batch_size``, ``trust_remote_code`` and ``system_prompt`` are passed to reward models.
@@ -229,7 +229,7 @@ def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remot
                 sub, w = item
             else:
                 raise EssaError(f"reward entry {item!r} is not {{reward: SPEC, weight: W}}; fix the rewards list")
-            parts.append((resolve_reward(sub, device, batch_size, trust_remote_code, system_prompt), w))
+            parts.append((resolve_reward(sub, device, batch_size, trust_remote_code, system_prompt, max_length), w))
         return combine_rewards(parts)
     if not isinstance(spec, str) or not spec.strip():
         raise EssaError(f"reward {spec!r} is not a reward spec; use a task name, reward_model:PATH or module:function")
@@ -237,13 +237,16 @@ def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remot
     from essa.tasks import TASK_NAMES, get_task
 
     if spec in TASK_NAMES:
+        if get_task(spec).reward is None:
+            raise EssaError(f"task {spec!r} has no reward of its own; use reward_model:PATH or module:function")
         return get_task(spec).reward
     if spec.startswith("reward_model:"):
         target = spec.partition(":")[2]
         if not target:
             raise EssaError("reward_model: needs a model; write reward_model:<local folder or hub id>")
         return reward_model_reward(target, device=device, batch_size=batch_size,
-                                   trust_remote_code=trust_remote_code, system_prompt=system_prompt)
+                                   trust_remote_code=trust_remote_code, system_prompt=system_prompt,
+                                   max_length=max_length)
     if ":" in spec:
         return import_reward(spec)
     raise EssaError(f"unknown reward {spec!r}; use a task name ({', '.join(TASK_NAMES)}), "

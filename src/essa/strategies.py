@@ -172,6 +172,7 @@ class _CmaesStrategy(Strategy):
 
     def __init__(self, dim, popsize, sigma0, seed, **opts):
         super().__init__(dim, popsize, sigma0, seed, **opts)
+        self.opts_in = dict(opts)
         self._es = self._make()
 
     def _make(self):
@@ -255,11 +256,19 @@ class CMAStrategy(_CmaesStrategy):
     """Full-covariance CMA-ES (cmaes.CMA) from mean 0, unbounded."""
 
     name = "cma"
+    valid_opts = ("lr_adapt",)
+
+    def __init__(self, dim, popsize, sigma0, seed, **opts):
+        """Option ``lr_adapt`` (bool): cmaes' learning-rate adaptation (LRA-CMA-ES, Nomura et al. 2023)."""
+        if not isinstance(opts.get("lr_adapt", False), bool):
+            raise EssaError(f"cma option lr_adapt must be true or false, got {opts['lr_adapt']!r}")
+        super().__init__(dim, popsize, sigma0, seed, **opts)
+        self.opts = {"lr_adapt": True} if opts.get("lr_adapt") else {}
 
     def _make(self):
         import cmaes
         return cmaes.CMA(mean=np.zeros(self.dim), sigma=self.sigma0, bounds=None,
-                         population_size=self.popsize, seed=self.seed)
+                         population_size=self.popsize, seed=self.seed, lr_adapt=bool(self.opts_in.get("lr_adapt")))
 
     def ask(self) -> np.ndarray:
         # Same distribution and the same random stream as calling cmaes.CMA.ask() popsize times,

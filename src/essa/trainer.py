@@ -45,10 +45,20 @@ class RunConfig:
     task: str = help_field("gsm8k", "task: gsm8k | math | ifeval (data splits, prompts, default reward, metrics)")
     reward: str | list | None = help_field(None, "reward: null = the task's reward; a task name; "
                                            "'module:function'; 'reward_model:PATH'; or a list of {reward, weight}")
+    reward_options: dict = help_field({}, "options of reward models (reward_model:...): batch_size (16), trust_remote_code "
+                                      "(false; ArmoRM needs true), max_length; the score is the output's .score "
+                                      "when it has one (ArmoRM), else logits[:, 0]")
     system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
     train_data: str | None = help_field(None, "RL prompts: split name, .jsonl or HF id (default: the task's RL split)")
     val_size: int = help_field(200, "validation examples carved (seeded) from the RL data; never trained on")
+    val_metric: str = help_field("auto", "what validation selects by: 'reward' = mean of the reward being optimised; a metric "
+                                 "of the task's evaluation (gsm8k/math: accuracy; ifeval: accuracy = prompt_strict, "
+                                 "inst_strict, prompt_loose, inst_loose); auto = accuracy with the task's own reward, "
+                                 "'reward' with any other reward or the prompts task")
+    test_data: str | None = help_field(None, "test rows for the final report: split name, .jsonl or HF id (default: the task's test split)")
     test_limit: int | None = help_field(None, "test examples for the final report (null = all, 0 = skip test)")
+    test_num_samples: int = help_field(1, "k > 1: the final test also samples k completions per prompt (T 0.6, top-p 0.95) "
+                                       "and reports avg@k and pass@k beside greedy")
 
 
 @dataclass
@@ -57,10 +67,16 @@ class TrainConfig(RunConfig):
 
     # -- genome and strategy
     alpha: float = help_field(1.0, "fraction of each factor's singular values that are trainable (k = floor(alpha*r))")
+    balance: bool = help_field(True, "balance each LoRA pair (A/c, B*c, same B*A) before the SVD so both factors' singular values share one scale")
     clamp_min: float | None = help_field(None, "clamp singular values from below (e.g. 0.0); null = no clamp (sign flips allowed)")
     strategy: str = help_field("cma", "cma (full covariance) | sep_cma (separable) | nes (OpenAI-ES) | auto")
+    strategy_opts: dict = help_field({}, "strategy options, e.g. {lr_adapt: true} for cma, {lr: 0.01, optimizer: adam} for nes")
     popsize: int = help_field(24, "candidates per generation (paper: 24-96)")
-    sigma0: float | None = help_field(None, "initial step size of the offsets (null = essa.strategies.DEFAULT_SIGMA0)")
+    sigma0: float | str | None = help_field("auto", "initial step size of the offsets: 'auto' = calibrated so candidates move "
+                                            "the model by sigma_target_kl (essa.explore); a number = that offset; "
+                                            "null = essa.strategies.DEFAULT_SIGMA0")
+    sigma_target_kl: float = help_field(2e-3, "sigma0 auto: mean per-token KL(SFT || candidate) the first generation's candidates should have")
+    calibration_prompts: int = help_field(4, "sigma0 auto: training prompts (x 4 directions x 32 tokens) the calibration measures on")
     generations: int = help_field(50, "number of strategy generations")
     # -- fitness
     batch_size: int = help_field(100, "prompts per mini-batch (paper: 100-500)")
@@ -69,6 +85,8 @@ class TrainConfig(RunConfig):
                                        metadata={"help": "decoding for fitness and validation (default greedy)"})
     # -- validation, logging, budget
     eval_every: int = help_field(5, "validate every N generations (and at start and end)")
+    validate_best_candidate: bool = help_field(False, "also validate the best-fitness candidate so far (two models per validation "
+                                               "instead of the mean alone; off so a validation costs what GRPO's does)")
     eval_every_seconds: float | None = help_field(None, "also validate when this much wall-clock time passed since the last validation")
     max_minutes: float | None = help_field(None, "stop after this wall-clock budget (minutes), then validate and export")
     samples_per_generation: int = help_field(3, "completions of the best candidate logged per generation (samples.jsonl)")
@@ -87,6 +105,12 @@ class TrainConfig(RunConfig):
             raise EssaError("config needs `adapter`: the SFT LoRA adapter folder (run `essa sft` first)")
         if self.popsize < 2 or self.generations < 0 or self.batch_size < 1 or self.eval_every < 1:
             raise EssaError("popsize must be >= 2, generations >= 0, batch_size >= 1 and eval_every >= 1")
+        if isinstance(self.sigma0, str) and self.sigma0 != "auto":
+            raise EssaError(f"sigma0 must be a positive number, 'auto' or null, got {self.sigma0!r}")
+        if isinstance(self.sigma0, float) and not (math.isfinite(self.sigma0) and self.sigma0 > 0):
+            raise EssaError(f"sigma0 must be a positive number, got {self.sigma0!r}; or use sigma0: auto")
+        if not (math.isfinite(self.sigma_target_kl) and self.sigma_target_kl > 0) or self.calibration_prompts < 1:
+            raise EssaError("sigma_target_kl must be > 0 and calibration_prompts >= 1")
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -97,9 +121,40 @@ def task_setup(cfg: RunConfig):
     from essa.rewards import resolve_reward
 
     task = get_task(cfg.task)
-    reward_fn = resolve_reward(cfg.reward, device=cfg.device) if cfg.reward is not None else task.reward
+    system_prompt = resolve_system_prompt(task, cfg.system_prompt)
+    if cfg.reward is None and task.reward is None:
+        raise EssaError(f"task {task.name!r} has no reward of its own; set `reward:` (e.g. reward_model:PATH or "
+                        f"module:function)")
+    opts = dict(cfg.reward_options)
+    unknown = sorted(set(opts) - {"batch_size", "trust_remote_code", "max_length"})
+    if unknown:
+        raise EssaError(f"unknown reward_options key {unknown[0]!r}; valid: batch_size, trust_remote_code, max_length")
+    reward_fn = (resolve_reward(cfg.reward, device=cfg.device, system_prompt=system_prompt, **opts)
+                 if cfg.reward is not None else task.reward)
     val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
-    return task, resolve_system_prompt(task, cfg.system_prompt), reward_fn, val_rows, train_rows
+    return task, system_prompt, reward_fn, val_rows, train_rows
+
+
+def resolve_val_metric(cfg: RunConfig, task) -> str:
+    """'auto' → 'accuracy' when the run optimises the task's own reward, else 'reward'."""
+    if cfg.val_metric != "auto":
+        return cfg.val_metric
+    return "accuracy" if cfg.reward is None and task.reward is not None else "reward"
+
+
+def validation_score(task, metric: str, reward_fn, rows: list[dict], texts: list[str]) -> float:
+    """The number validation selects by: the mean reward (``metric='reward'``; invalid values are left
+    out, none valid = -inf, so such a model never ranks) or a metric of the task's evaluation."""
+    if metric == "reward":
+        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
+        values, _ = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, columns)
+        valid = [v for v in values if math.isfinite(v)]
+        return float(sum(valid) / len(valid)) if valid else -math.inf
+    metrics = task.evaluate(rows, texts)
+    if metric not in metrics or isinstance(metrics[metric], bool) or not isinstance(metrics[metric], (int, float)):
+        raise EssaError(f"val_metric {metric!r} is not a metric of task {task.name!r}; use 'reward' or one of: "
+                        f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
+    return float(metrics[metric])
 
 
 def _atomic_write_bytes(path: Path, data: bytes):
@@ -190,20 +245,29 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
+    val_metric = resolve_val_metric(cfg, task)
 
     engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,
-                          cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows)
+                          cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows, balance=cfg.balance)
     genome = engine.genome
     tok = engine.tokenizer
     train_ids = chat_prompts(tok, [r["prompt"] for r in train_rows], system_prompt)
     val_ids = chat_prompts(tok, [r["prompt"] for r in val_rows], system_prompt)
     greedy_val = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, stop=cfg.generation.stop)
 
-    strategy = make_strategy(cfg.strategy, genome.dimension, cfg.popsize,
-                             cfg.sigma0 if cfg.sigma0 is not None else DEFAULT_SIGMA0, cfg.seed)
+    calibration_seconds = 0.0
+    if cfg.sigma0 == "auto" and resume_from is None:
+        t_cal = time.perf_counter()
+        sigma0 = _calibrate(cfg, engine, train_ids, run_dir)
+        calibration_seconds = time.perf_counter() - t_cal  # part of the run's wall-clock (and budget)
+    elif cfg.sigma0 == "auto":  # resumed: the strategy state holds sigma; sigma0 is read from it below
+        sigma0 = DEFAULT_SIGMA0
+    else:
+        sigma0 = cfg.sigma0 if cfg.sigma0 is not None else DEFAULT_SIGMA0
+    strategy = make_strategy(cfg.strategy, genome.dimension, cfg.popsize, sigma0, cfg.seed, **cfg.strategy_opts)
     stream = DataStream(len(train_rows), cfg.seed)
     st = {"generation": 0, "best_val": -math.inf, "best_val_generation": None, "best_fitness": -math.inf,
-          "wall_seconds": 0.0, "tokens": 0, "invalid_rewards": 0, "last_val_wall": 0.0,
+          "wall_seconds": calibration_seconds, "tokens": 0, "invalid_rewards": 0, "last_val_wall": 0.0,
           "last_val_generation": 0}
     best_offset = np.zeros(genome.dimension)       # best by validation
     best_candidate = np.zeros(genome.dimension)    # highest mini-batch fitness seen
@@ -231,8 +295,14 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
         res = {}
         for name, per_prompt in zip(names, outs):
             texts = [s[0].text for s in per_prompt]
-            res[name] = task.evaluate(val_rows, texts)["accuracy"]
+            res[name] = validation_score(task, val_metric, reward_fn, val_rows, texts)
         return res
+
+    def to_validate() -> dict[str, np.ndarray]:
+        models = {"mean": np.asarray(strategy.mean)}
+        if cfg.validate_best_candidate:
+            models["best_candidate"] = best_candidate
+        return models
 
     def log(record: dict):
         with open(run_dir / "metrics.jsonl", "a") as f:
@@ -277,16 +347,19 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
 
         comps = engine.generate_pairs(train_ids, X, pairs, cfg.generation, progress)
         bar.close()
-        rows = [train_rows[i] for _, i in pairs]
-        texts = [c[0].text for c in comps]
+        S = cfg.generation.num_samples
+        rows = [train_rows[i] for _, i in pairs for _ in range(S)]     # every sample is scored
+        texts = [c.text for samples in comps for c in samples]
         columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
         values, invalid = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, columns)
-        arr = np.asarray(values, dtype=np.float64).reshape(K, cfg.batch_size)
+        arr = np.asarray(values, dtype=np.float64).reshape(K, cfg.batch_size * S)
         valid = arr[np.isfinite(arr)]
         worst = float(valid.min()) if valid.size else 0.0
         arr = np.where(np.isfinite(arr), arr, worst)
-        fitness = arr.mean(axis=1)
-        strategy.tell(X, fitness)
+        fitness = arr.mean(axis=1)                                      # mean over prompts and samples
+        flat = bool(np.ptp(fitness) == 0)
+        if not flat:  # all equal: no information; telling would move the mean in ask order (random)
+            strategy.tell(X, fitness)
         gen_tokens = engine.stats.useful_tokens - tok0
         st["tokens"] += gen_tokens
         st["invalid_rewards"] += invalid
@@ -299,13 +372,14 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
                   "fitness_min": float(fitness.min()), "fitness_std": float(fitness.std()), "sigma": float(strategy.sigma),
                   "tokens_generated": gen_tokens, "tokens": st["tokens"], "invalid_rewards": invalid,
                   "tokens_per_second": round(gen_tokens / max(time.perf_counter() - t_gen, 1e-9), 1),
-                  "wall_seconds": round(wall, 3), "epoch": stream.epoch}
+                  "wall_seconds": round(wall, 3), "epoch": stream.epoch, "flat_fitness": flat}
         due = gen % cfg.eval_every == 0 or gen == cfg.generations or (
             cfg.eval_every_seconds is not None and wall - st["last_val_wall"] >= cfg.eval_every_seconds)
         if due:
-            v = validate(gen, {"mean": np.asarray(strategy.mean), "best_candidate": best_candidate})
-            record.update({"val_mean": v["mean"], "val_best_candidate": v["best_candidate"]})
-            for name, off in (("mean", np.asarray(strategy.mean)), ("best_candidate", best_candidate)):
+            models = to_validate()
+            v = validate(gen, models)
+            record.update({f"val_{name}": acc for name, acc in v.items()})
+            for name, off in models.items():
                 if v[name] > st["best_val"]:
                     st["best_val"], st["best_val_generation"], best_offset = v[name], gen, np.array(off, dtype=np.float64)
             record["best_val"] = st["best_val"]
@@ -314,8 +388,8 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
             record["wall_seconds"] = round(st["last_val_wall"], 3)
         st["wall_seconds"] = time.perf_counter() - t_start
         with open(run_dir / "samples.jsonl", "a") as f:
-            for j in range(min(cfg.samples_per_generation, cfg.batch_size)):
-                r = top * cfg.batch_size + j
+            for j in range(min(cfg.samples_per_generation, cfg.batch_size * S)):
+                r = top * cfg.batch_size * S + j
                 f.write(json.dumps({"generation": gen, "candidate": top, "prompt": rows[r]["prompt"],
                                     "completion": texts[r], "reward": values[r]}) + "\n")
         log(record)
@@ -327,13 +401,14 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
     # the loop ended without validating its last generation (time budget): validate it now
     if st["generation"] > 0 and st.get("last_val_generation") != st["generation"]:
         gen = st["generation"]
-        v = validate(gen, {"mean": np.asarray(strategy.mean), "best_candidate": best_candidate})
-        for name, off in (("mean", np.asarray(strategy.mean)), ("best_candidate", best_candidate)):
+        models = to_validate()
+        v = validate(gen, models)
+        for name, off in models.items():
             if v[name] > st["best_val"]:
                 st["best_val"], st["best_val_generation"], best_offset = v[name], gen, np.array(off, dtype=np.float64)
         st["last_val_generation"] = gen
         st["wall_seconds"] = time.perf_counter() - t_start
-        log({"generation": gen, "val_mean": v["mean"], "val_best_candidate": v["best_candidate"],
+        log({"generation": gen, **{f"val_{name}": acc for name, acc in v.items()},
              "best_val": st["best_val"], "wall_seconds": round(st["wall_seconds"], 3), "tokens": st["tokens"],
              "final_validation": True})
         _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
@@ -347,24 +422,59 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
     final_dir = export_adapter(genome, final_mean, run_dir / "adapters" / "final", cfg.clamp_min,
                                metadata={"generation": st["generation"]})
     summary = {"run_dir": str(run_dir), "generations": st["generation"], "genome_dimension": genome.dimension,
+               "val_metric": val_metric, "system_prompt": system_prompt,
                "best_val": st["best_val"], "best_val_generation": st["best_val_generation"],
                "selection_split": f"{len(val_rows)} rows held out from {task.name} RL/train data",
                "wall_seconds": round(st["wall_seconds"], 2), "tokens_generated": st["tokens"],
                "invalid_rewards": st["invalid_rewards"], "adapters": {"best": str(best_dir), "final": str(final_dir)}}
-    if cfg.test_limit != 0:
-        test_rows = load_rows(task, task.test_split, limit=cfg.test_limit)
+    test_source = cfg.test_data or task.test_split
+    if cfg.test_limit != 0 and test_source is None:
+        print(f"essa: task {task.name!r} has no test split; set test_data to report a test score")
+    elif cfg.test_limit != 0:
+        test_rows = load_rows(task, test_source, limit=cfg.test_limit)
         test_ids = chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt)
         outs = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]), greedy_val)
+        summary["test_metric"] = val_metric
         for name, per_prompt in zip(("sft", "best", "final"), outs):
-            m = task.evaluate(test_rows, [s[0].text for s in per_prompt])
-            summary[f"test_{name}"] = m["accuracy"]
+            summary[f"test_{name}"] = validation_score(task, val_metric, reward_fn, test_rows,
+                                                       [s[0].text for s in per_prompt])
             write_jsonl_atomic(({"prompt": r["prompt"], "completion": s[0].text} for r, s in zip(test_rows, per_prompt)),
                                run_dir / f"test-{name}.jsonl")
+        if cfg.test_num_samples > 1 and task.name != "prompts":
+            from essa.evaluate import sampled_metrics
+
+            k = cfg.test_num_samples
+            sampled = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]),
+                                      SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.6,
+                                                     top_p=0.95, num_samples=k, seed=cfg.seed, stop=cfg.generation.stop))
+            for name, per_prompt in zip(("sft", "best", "final"), sampled):
+                for key, v in sampled_metrics(task, test_rows, per_prompt).items():
+                    summary[f"test_{name}_{key}"] = v
         summary["test_n"] = len(test_rows)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if writer is not None:
         writer.close()
     return summary
+
+
+def _calibrate(cfg: TrainConfig, engine, train_ids, run_dir: Path) -> float:
+    """sigma0 'auto': the step whose first-generation candidates move the model by sigma_target_kl."""
+    from essa.explore import MovementProbe, calibrate_sigma
+
+    t0 = time.perf_counter()
+    n = min(cfg.calibration_prompts, len(train_ids))
+    # the calibration prompts: seeded, disjoint from nothing in particular (training prompts only)
+    idx = np.random.Generator(np.random.PCG64(cfg.seed + 777)).choice(len(train_ids), n, replace=False)
+    probe = MovementProbe(engine, [train_ids[i] for i in idx], n_candidates=4, max_new_tokens=32, seed=cfg.seed)
+    sigma, log = calibrate_sigma(probe, cfg.sigma_target_kl)
+    chosen = min(log, key=lambda m: abs(m["sigma"] - sigma))
+    record = {"sigma0": sigma, "target_kl": cfg.sigma_target_kl, "kl": chosen["kl"],
+              "token_agreement": chosen["agreement"], "prompts": [int(i) for i in idx],
+              "seconds": round(time.perf_counter() - t0, 2), "measurements": log}
+    (run_dir / "calibration.json").write_text(json.dumps(record, indent=2))
+    print(f"essa: sigma0 auto = {sigma:.4g} (target KL {cfg.sigma_target_kl:g} nats/token: measured {chosen['kl']:.3g}, "
+          f"top-1 agreement with the SFT adapter {chosen['agreement']:.3f}; {record['seconds']:.0f} s, calibration.json)")
+    return float(sigma)
 
 
 def _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate):

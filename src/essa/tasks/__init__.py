@@ -17,7 +17,9 @@ from typing import Callable
 
 from essa import EssaError
 
-MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+#: The ESSA paper's system prompts (arXiv 2507.04453): math tasks and instruction following.
+MATH_SYSTEM_PROMPT = "Please reason step by step and place your final answer in \\boxed{}."
+IFEVAL_SYSTEM_PROMPT = "You are a helpful, honest, and concise assistant."
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,13 @@ class Task:
     #: split name -> function returning rows (dicts with "prompt" and the task's columns)
     splits: dict[str, Callable[[], list[dict]]]
     #: reward function with the TRL signature
-    reward: Callable[..., list]
+    reward: Callable[..., list] | None
     #: system prompt put before every user prompt (None: the chat template's default)
     system_prompt: str | None
     #: split used for ESSA/GRPO training, for SFT, and for the test report
-    rl_split: str
-    sft_split: str
-    test_split: str
+    rl_split: str | None
+    sft_split: str | None
+    test_split: str | None
     #: (rows, completions) -> dict of metrics, with at least "accuracy" and "n"
     evaluate: Callable[[list[dict], list[str]], dict]
     #: row -> SFT target response (None: the task has no reference responses)
@@ -95,6 +97,9 @@ def split_rl_data(task: Task, train_data: str | None, val_size: int, seed: int) 
     ESSA (`essa train`) and GRPO (`essa grpo`) both call this, so with the same settings they
     validate on the same rows and train on the same rest. Selection never touches the test split.
     """
+    if not (train_data or task.rl_split):
+        raise EssaError(f"task {task.name!r} has no built-in training prompts; set train_data to a .jsonl file with a "
+                        f"'prompt' field per row (or an HF dataset id)")
     pool = load_rows(task, train_data or task.rl_split)
     if val_size >= len(pool):
         raise EssaError(f"val_size {val_size} leaves no training data out of {len(pool)} rows; lower it")
@@ -123,8 +128,20 @@ def _load_hf(dataset_id: str, split: str | None):
         raise EssaError(f"could not load HF dataset {dataset_id!r}: {str(e).splitlines()[0]}") from None
 
 
+def _prompts_evaluate(rows: list[dict], completions: list[str]) -> dict:
+    """The prompts task has no answers: its metric is the mean reward (val_metric 'reward')."""
+    return {"n": len(rows)}
+
+
+#: Prompt-only data aligned to a reward (e.g. HelpSteer2 prompts + ArmoRM, the paper's setting): rows
+#: need only ``prompt``; ``train_data`` (and ``test_data`` for a test score) and ``reward`` are required;
+#: validation and test report the mean of the reward being optimised.
+PROMPTS = Task(name="prompts", splits={}, reward=None, system_prompt=IFEVAL_SYSTEM_PROMPT, rl_split=None,
+               sft_split=None, test_split=None, evaluate=_prompts_evaluate, sft_target=None)
+
+
 def get_task(name: str) -> Task:
-    """Look up a task by name (gsm8k, math, ifeval)."""
+    """Look up a task by name (gsm8k, math, ifeval, prompts)."""
     if name == "gsm8k":
         from essa.tasks.math import GSM8K
         return GSM8K
@@ -134,7 +151,9 @@ def get_task(name: str) -> Task:
     if name == "ifeval":
         from essa.tasks.ifeval import IFEVAL
         return IFEVAL
+    if name == "prompts":
+        return PROMPTS
     raise EssaError(f"unknown task {name!r}; use one of: {', '.join(TASK_NAMES)}")
 
 
-TASK_NAMES = ("gsm8k", "math", "math500", "ifeval")
+TASK_NAMES = ("gsm8k", "math", "math500", "ifeval", "prompts")

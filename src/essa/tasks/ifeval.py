@@ -41,7 +41,7 @@ import types
 from pathlib import Path
 
 from essa import EssaError
-from essa.tasks import Task, data_path, read_jsonl
+from essa.tasks import IFEVAL_SYSTEM_PROMPT, Task, data_path, read_jsonl
 
 #: Versions the Makefile installs (both with --no-deps).
 LM_EVAL_REQUIREMENT = "lm-eval==0.4.13"
@@ -302,6 +302,9 @@ def make_ifeval_reward(mode: str = "strict", all_or_nothing: bool = False):
 #: The default IFEval reward: fraction of instructions followed, strict.
 ifeval_reward = make_ifeval_reward("strict")
 ifeval_reward.__name__ = "ifeval_reward"
+#: Fraction of instructions followed, loose (IFEval's instruction-level loose metric, per completion):
+#: ``reward: essa.tasks.ifeval:ifeval_reward_loose``.
+ifeval_reward_loose = make_ifeval_reward("loose")
 
 
 # ------------------------------------------------------------------ task
@@ -336,10 +339,10 @@ def ifeval_rows(split: str) -> list[dict]:
 
 IFEVAL = Task(
     name="ifeval", splits={s: (lambda s=s: ifeval_rows(s)) for s in ("train", "test", "sft", "rl")},
-    reward=ifeval_reward, system_prompt=None, rl_split="rl", sft_split="sft", test_split="test",
+    reward=ifeval_reward, system_prompt=IFEVAL_SYSTEM_PROMPT, rl_split="rl", sft_split="sft", test_split="test",
     evaluate=ifeval_evaluate, sft_target=None,
     extra={"reward_factory": make_ifeval_reward, "sft_response_column": "response"})
 
-__all__ = ["IFEVAL", "ifeval_evaluate", "ifeval_reward", "make_ifeval_reward", "check_row", "build_instructions",
+__all__ = ["IFEVAL", "ifeval_evaluate", "ifeval_reward", "ifeval_reward_loose", "make_ifeval_reward", "check_row", "build_instructions",
            "checkers", "instruction_ids", "loose_variants", "nltk_data_dir", "use_bundled_nltk_data", "ifeval_rows"]
 

@@ -57,8 +57,14 @@ def gsm8k_rows(split: str) -> list[dict]:
 
 
 def math_example(rec: dict) -> MathExample:
-    answer = rec.get("answer") or last_boxed(rec["solution"]) or ""
-    return MathExample(rec["problem"], rec["solution"], answer, rec.get("subject") or rec.get("type", ""),
+    """A MATH-style record: ``problem`` (or ``question``), ``answer`` (any scalar: AIME's integers too)
+    and/or a ``solution`` whose last \\boxed{} is the answer. This is also the format of user benchmark
+    files (AIME, AMC, Minerva, OlympiadBench as problem + answer jsonl): they are checked by math-verify."""
+    solution = str(rec.get("solution") or "")
+    answer = rec.get("answer")
+    answer = str(answer) if answer is not None and str(answer) != "" else (last_boxed(solution) or "")
+    problem = rec.get("problem") if rec.get("problem") is not None else rec.get("question", "")
+    return MathExample(str(problem), solution, answer, rec.get("subject") or rec.get("type", ""),
                        str(rec.get("level", "")))
 
 
@@ -94,15 +100,32 @@ def last_boxed(text: str) -> str | None:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+#: LaTeX text wrappers whose content is words, not the answer: \text{ per hour}, \mbox{...}, \mathrm{...}
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|mbox|mathrm|textrm|operatorname)\s*\{[^{}]*\}")
+_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\!|\\;|\\ |~|\u2009|\u202f)(?=\d{3}(?!\d))")
+
+
+def normalize_numbers(text: str) -> str:
+    """Plain numbers from LaTeX/typography: thousands separators written ``1{,}000``, ``1,\\!000``,
+    ``1\\,000`` or with thin spaces become ``1,000``; Unicode minus signs become ``-``; ``\\$``, ``$``
+    and ``%`` go; ``\\text{...}``-style words are removed (``18 \\text{ per 2 hours}`` → ``18``);
+    ``\\frac{a}{b}`` stays (no single number)."""
+    text = _TEXT_CMD.sub(" ", text)
+    text = _THOUSANDS.sub(",", text)
+    text = text.replace("\u2212", "-").replace("\u2013", "-").replace("\u2014", "-")
+    text = text.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    text = re.sub(r"-\s+(?=\d)", "-", text)  # "- 5" after removing "\$" from "-\$5" is handled too
+    return text
 
 
 def extract_number(text: str) -> float | None:
     """GSM8K final answer of a completion: the \\boxed{} content, else what follows '####', else the
-    last number in the text. Commas, $ and % are ignored."""
+    last number in the text. Thousands separators (also LaTeX ones), $, % and \\text{} words are
+    ignored; a Unicode minus is a minus (see ``normalize_numbers``)."""
     for candidate in (last_boxed(text), text.rpartition("####")[2] if "####" in text else None, text):
         if candidate is None:
             continue
-        nums = _NUMBER.findall(candidate.replace("$", "").replace("%", ""))
+        nums = _NUMBER.findall(normalize_numbers(candidate))
         if nums:
             try:
                 return float(nums[-1].replace(",", ""))
@@ -163,4 +186,4 @@ MATH = Task(
     name="math", splits={s: (lambda s=s: math_rows(s)) for s in ("train", "test", "sft", "rl")},
     reward=math_reward, system_prompt=MATH_SYSTEM_PROMPT, rl_split="rl", sft_split="sft", test_split="test",
     evaluate=accuracy_with(math_reward), sft_target=math_target,
-    to_row=lambda r: math_example(r).row() if "problem" in r else r)
+    to_row=lambda r: math_example(r).row() if ("problem" in r or "question" in r) else r)

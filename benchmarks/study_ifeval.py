@@ -1,0 +1,171 @@
+"""The learning study: does ESSA improve instruction following over its SFT start, on held-out data?
+
+SmolLM2-135M-Instruct on a 2-core CPU, every step an `essa` command (printed and recorded):
+
+1. SFT recipe (skipped when the adapter exists): IFEval-style SFT data by rejection sampling, then
+   `essa sft` (README, "Results").
+2. Held-out prompts: the task's generated `rl` prompts are split (seeded) into HELDOUT rows that no
+   step ever trains or selects on, and the rest, which ESSA trains on (its validation rows are carved
+   from that rest by `essa train` itself).
+3. For every seed: `essa train --config configs/ifeval-study-cpu.yaml` for at most BUDGET minutes
+   (selection by validation on training-data rows only, never on test).
+4. `essa eval` of the SFT adapter and of every ESSA best adapter on all 541 IFEval prompts and on the
+   held-out generated prompts (greedy, 256 new tokens).
+5. Paired bootstrap (prompts resampled, 10,000 draws) of ESSA − SFT for instruction-level loose and
+   strict accuracy and prompt-level loose/strict: mean difference and 95 % interval.
+
+Steps whose outputs exist are reused, so an interrupted study continues. Prints one JSON object.
+
+    python benchmarks/study_ifeval.py --out runs/study --seeds 0 1 --budget-minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("inst_loose", "inst_strict", "prompt_loose", "prompt_strict")
+
+
+def run(cmd: list[str], log: Path, record: list) -> float:
+    """Run one essa command (output to a log file), record it with its wall time."""
+    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    record.append({"command": shlex.join(cmd), "wall_seconds": round(wall, 1), "log": str(log)})
+    return wall
+
+
+def per_prompt(path: Path) -> dict[str, np.ndarray]:
+    """Per-prompt (followed, instructions) counts and all-followed flags from an `essa eval` jsonl."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return {"strict_n": np.array([sum(r["strict_list"]) for r in rows], float),
+            "loose_n": np.array([sum(r["loose_list"]) for r in rows], float),
+            "inst": np.array([len(r["strict_list"]) for r in rows], float),
+            "strict_all": np.array([r["strict_all"] for r in rows], float),
+            "loose_all": np.array([r["loose_all"] for r in rows], float)}
+
+
+def metric(d: dict, name: str, idx=slice(None)) -> float:
+    if name == "inst_loose":
+        return d["loose_n"][idx].sum() / d["inst"][idx].sum()
+    if name == "inst_strict":
+        return d["strict_n"][idx].sum() / d["inst"][idx].sum()
+    return d[name.replace("prompt_", "") + "_all"][idx].mean()
+
+
+def paired_bootstrap(a: dict, b: dict, draws: int = 10_000, seed: int = 0) -> dict:
+    """b − a for every metric: point estimate and 95 % percentile interval, prompts resampled in pairs."""
+    n = len(a["inst"])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(draws, n))
+    out = {}
+    for m in METRICS:
+        diffs = np.array([metric(b, m, i) - metric(a, m, i) for i in idx])
+        lo, hi = np.percentile(diffs, [2.5, 97.5])
+        out[m] = {"sft": round(metric(a, m), 4), "essa": round(metric(b, m), 4),
+                  "diff": round(metric(b, m) - metric(a, m), 4), "ci95": [round(lo, 4), round(hi, 4)],
+                  "significant": bool(lo > 0)}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--sft-adapter", default="runs/ifeval/sft")
+    ap.add_argument("--config", default="configs/ifeval-study-cpu.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--budget-minutes", type=float, default=30)
+    ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--eval-tokens", type=int, default=256)
+    ap.add_argument("--set", action="append", default=[], help="extra `essa train --set` overrides")
+    args = ap.parse_args(argv)
+
+    from essa.tasks import get_task, load_rows, seeded_split
+    from essa.tasks.ifeval_data import write_jsonl
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    essa = [sys.executable, "-m", "essa.cli"]
+    commands: list = []
+    t0 = time.perf_counter()
+    result = {"study": "ifeval-essa-vs-sft", "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+              "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "load_average_start": os.getloadavg(), "seeds": args.seeds, "budget_minutes": args.budget_minutes}
+    sft = Path(args.sft_adapter)
+    if not (sft / "adapter_config.json").exists():
+        data = out / "ifeval-sft.jsonl"
+        if not data.exists():
+            run(essa + ["data", "ifeval-like", "--n", "128", "--seed", "0", "--out", str(data), "--responses",
+                        "--samples", "4", "--max-new-tokens", "256"], out / "sft-data.log", commands)
+        run(essa + ["sft", "--task", "ifeval", "--data", str(data), "--output-dir", str(sft), "--epochs", "3",
+                    "--batch-size", "4", "--grad-accum", "2", "--max-length", "512", "--lr", "3e-4",
+                    "--warmup-ratio", "0.0", "--device", "cpu"], out / "sft.log", commands)
+
+    # held-out generated prompts: never trained on, never selected on
+    task = get_task("ifeval")
+    rl = load_rows(task, "rl")
+    heldout, train = seeded_split(rl, [args.heldout, len(rl) - args.heldout], 2026)
+    if not (out / "train.jsonl").exists():
+        write_jsonl(heldout, out / "heldout.jsonl")
+        write_jsonl(train, out / "train.jsonl")
+
+    def evaluate(adapter: Path, name: str) -> dict:
+        res = {}
+        for split, data in (("ifeval", None), ("heldout", out / "heldout.jsonl")):
+            path = out / f"eval-{split}-{name}.jsonl"
+            if not path.exists():
+                cmd = essa + ["eval", "--task", "ifeval", "--adapter", str(adapter), "--max-new-tokens",
+                              str(args.eval_tokens), "--device", "cpu", "--output", str(path)]
+                if data is not None:
+                    cmd += ["--data", str(data)]
+                run(cmd, out / f"eval-{split}-{name}.log", commands)
+            res[split] = per_prompt(path)
+        return res
+
+    seeds = {}
+    for seed in args.seeds:
+        run_dir = out / f"essa-s{seed}"
+        if not (run_dir / "summary.json").exists():
+            if run_dir.exists():
+                import shutil
+                shutil.rmtree(run_dir)
+            run(essa + ["train", "--config", args.config, "--set", f"adapter={sft}", "--set",
+                        f"train_data={out / 'train.jsonl'}", "--set", f"seed={seed}", "--set", f"output_dir={run_dir}",
+                        "--set", f"max_minutes={args.budget_minutes}"] + [x for s in args.set for x in ("--set", s)],
+                out / f"train-s{seed}.log", commands)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        cal = json.loads((run_dir / "calibration.json").read_text()) if (run_dir / "calibration.json").exists() else {}
+        seeds[seed] = {"run": summary, "sigma0": cal.get("sigma0"),
+                       "flat_generations": sum(bool(m.get("flat_fitness")) for m in metrics),
+                       "validation": [(m["generation"], m["val_mean"]) for m in metrics if "val_mean" in m],
+                       "fitness": [(m["generation"], m["fitness_mean"], m["fitness_std"]) for m in metrics
+                                   if "fitness_mean" in m]}
+    base = evaluate(sft, "sft")
+    for seed in args.seeds:
+        best = evaluate(out / f"essa-s{seed}" / "adapters" / "best", f"essa-s{seed}")
+        seeds[seed]["ifeval"] = paired_bootstrap(base["ifeval"], best["ifeval"], seed=seed)
+        seeds[seed]["heldout"] = paired_bootstrap(base["heldout"], best["heldout"], seed=seed)
+    result.update({"sft_adapter": str(sft), "heldout_prompts": args.heldout, "ifeval_prompts": len(base["ifeval"]["inst"]),
+                   "per_seed": seeds, "commands": commands, "wall_seconds": round(time.perf_counter() - t0, 1),
+                   "load_average_end": os.getloadavg()})
+    text = json.dumps(result, indent=2)
+    (out / "study.json").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
