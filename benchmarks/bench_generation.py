@@ -99,7 +99,8 @@ def main():
                 dt, dc = time.perf_counter() - t, time.process_time() - c
                 gen = out[:, T:]
                 steps = gen.shape[1]
-                stop = [model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else list(model.generation_config.eos_token_id or [])
+                eos_id = model.generation_config.eos_token_id
+                stop = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
                 useful = 0
                 for row in gen.tolist():
                     n = len(row)
@@ -133,7 +134,9 @@ def main():
             results.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)
     print(json.dumps({
-        "benchmark": "generation", "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "benchmark": "generation", "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "model": args.model, "new_tokens": args.new_tokens, "candidates": args.candidates,
         "dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads(),

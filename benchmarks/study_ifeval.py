@@ -96,7 +96,7 @@ def main(argv=None):
     from essa.tasks import get_task, load_rows, seeded_split
     from essa.tasks.ifeval_data import write_jsonl
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()   # commands run from the repository root: absolute paths throughout
     out.mkdir(parents=True, exist_ok=True)
     essa = [sys.executable, "-m", "essa.cli"]
     commands: list = []
@@ -104,7 +104,7 @@ def main(argv=None):
     result = {"study": "ifeval-essa-vs-sft", "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "load_average_start": os.getloadavg(), "seeds": args.seeds, "budget_minutes": args.budget_minutes}
-    sft = Path(args.sft_adapter)
+    sft = Path(args.sft_adapter).resolve()
     if not (sft / "adapter_config.json").exists():
         data = out / "ifeval-sft.jsonl"
         if not data.exists():
@@ -135,6 +135,9 @@ def main(argv=None):
             res[split] = per_prompt(path)
         return res
 
+    base = evaluate(sft, "sft")  # first: the reference every seed is compared with
+    result.update({"sft_adapter": str(sft), "heldout_prompts": args.heldout,
+                   "ifeval_prompts": len(base["ifeval"]["inst"]), "commands": commands})
     seeds = {}
     for seed in args.seeds:
         run_dir = out / f"essa-s{seed}"
@@ -142,26 +145,24 @@ def main(argv=None):
             if run_dir.exists():
                 import shutil
                 shutil.rmtree(run_dir)
-            run(essa + ["train", "--config", args.config, "--set", f"adapter={sft}", "--set",
+            run(essa + ["train", "--config", str(Path(args.config).resolve()), "--set", f"adapter={sft}", "--set",
                         f"train_data={out / 'train.jsonl'}", "--set", f"seed={seed}", "--set", f"output_dir={run_dir}",
                         "--set", f"max_minutes={args.budget_minutes}"] + [x for s in args.set for x in ("--set", s)],
                 out / f"train-s{seed}.log", commands)
         summary = json.loads((run_dir / "summary.json").read_text())
         metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         cal = json.loads((run_dir / "calibration.json").read_text()) if (run_dir / "calibration.json").exists() else {}
-        seeds[seed] = {"run": summary, "sigma0": cal.get("sigma0"),
+        seeds[seed] = {"run": summary, "sigma0": cal.get("sigma0"), "calibration_kl": cal.get("kl"),
                        "flat_generations": sum(bool(m.get("flat_fitness")) for m in metrics),
                        "validation": [(m["generation"], m["val_mean"]) for m in metrics if "val_mean" in m],
-                       "fitness": [(m["generation"], m["fitness_mean"], m["fitness_std"]) for m in metrics
-                                   if "fitness_mean" in m]}
-    base = evaluate(sft, "sft")
-    for seed in args.seeds:
-        best = evaluate(out / f"essa-s{seed}" / "adapters" / "best", f"essa-s{seed}")
+                       "fitness": [(m["generation"], round(m["fitness_mean"], 4), round(m["fitness_std"], 4))
+                                   for m in metrics if "fitness_mean" in m]}
+        best = evaluate(run_dir / "adapters" / "best", f"essa-s{seed}")
         seeds[seed]["ifeval"] = paired_bootstrap(base["ifeval"], best["ifeval"], seed=seed)
         seeds[seed]["heldout"] = paired_bootstrap(base["heldout"], best["heldout"], seed=seed)
-    result.update({"sft_adapter": str(sft), "heldout_prompts": args.heldout, "ifeval_prompts": len(base["ifeval"]["inst"]),
-                   "per_seed": seeds, "commands": commands, "wall_seconds": round(time.perf_counter() - t0, 1),
-                   "load_average_end": os.getloadavg()})
+        result.update({"per_seed": seeds, "wall_seconds": round(time.perf_counter() - t0, 1),
+                       "load_average_end": os.getloadavg()})
+        (out / "study.json").write_text(json.dumps(result, indent=2))  # partial results after every seed
     text = json.dumps(result, indent=2)
     (out / "study.json").write_text(text)
     print(text)

@@ -8,11 +8,10 @@ import torch
 from peft import PeftModel
 
 from essa import EssaError
-from helpers import random_adapter
-
 from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
 from essa.genome import export_adapter, load_genome
 from essa.models import load_model
+from helpers import random_adapter
 
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a long poem about the sea and the sky, please."]
 

@@ -9,14 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import random_adapter
-
 from essa.config import from_dict
 from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
 from essa.explore import MovementProbe, calibrate_sigma
 from essa.genome import export_adapter, factors, load_genome
 from essa.models import load_model, tiny_llama
 from essa.trainer import TrainConfig, train
+from helpers import random_adapter
 
 
 def sft_like_adapter(model, path, seed=0):
@@ -93,8 +92,8 @@ def _save(model, path):
 
 
 def _tok():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)} | {"[UNK]": 64}, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -201,3 +200,34 @@ def test_sigma0_auto_in_a_run_is_logged(tiny_engine_parts):
     metrics = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["sigma"] == pytest.approx(cal["sigma0"])
     assert cal["target_kl"] == 0.01 and cal["measurements"]
+
+
+@pytest.mark.real
+def test_default_exploration_moves_the_real_model(real_model_name, tmp_path):
+    """SmolLM2-135M with an SFT-like adapter (PEFT's A init, small trained-looking B): with the default
+    exploration (balanced genome, sigma0 auto at the default target), at least half of 8 candidates'
+    greedy completions differ from the SFT adapter's on 4 prompts x 32 tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    from essa.explore import DEFAULT_TARGET_KL
+
+    model, tok = load_model(real_model_name, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.004)
+    pm.save_pretrained(tmp_path / "sft")
+    model, tok = load_model(real_model_name, device="cpu", dtype="float32")
+    eng = PopulationEngine(model, tok, load_genome(tmp_path / "sft"))
+    from essa.tasks import get_task, load_rows
+
+    task = get_task("ifeval")
+    rows = load_rows(task, "rl")[:4]
+    ids = chat_prompts(tok, [r["prompt"] for r in rows], task.system_prompt)
+    probe = MovementProbe(eng, ids, n_candidates=4, max_new_tokens=32, seed=0)
+    sigma, _ = calibrate_sigma(probe, DEFAULT_TARGET_KL)
+    X = sigma * np.random.default_rng(1).standard_normal((8, eng.genome.dimension))
+    out = eng.generate(ids, X, SamplingConfig(max_new_tokens=32))
+    differs = sum(any(out[c][p][0].token_ids != probe.completions[p] for p in range(4)) for c in range(8))
+    assert differs >= 4, (sigma, differs)

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from essa import EssaError
-from helpers import random_adapter
-
 from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
 from essa.fast_decode import FastDecoder, unsupported_reason
 from essa.genome import load_genome
 from essa.models import load_model
+from helpers import random_adapter
 
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a long poem about the sea and the sky, please."]
 FUSED = 1 << 30  # fuse_budget_bytes: the CUDA default (CPU default: no fused weight copies)
@@ -41,7 +40,8 @@ def dump(out):
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, tmp_path_factory):
     model, tok = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    genome = load_genome(random_adapter(model, tmp_path_factory.mktemp("fast-adapter") / "a"))
+    # unbalanced: the early-end pattern below (and so which compactions happen) was chosen for these values
+    genome = load_genome(random_adapter(model, tmp_path_factory.mktemp("fast-adapter") / "a"), balance=False)
     cands = np.random.default_rng(0).normal(0, 0.5, (4, genome.dimension)).astype(np.float32)
     prompts = chat_prompts(tok, PROMPTS, "Be brief.")
     hf = engine(model, tok, genome, fast=False)

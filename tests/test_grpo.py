@@ -12,14 +12,13 @@ pytest.importorskip("trl", reason="the GRPO baseline needs TRL: pip install 'ess
 from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from helpers import random_adapter
-
 from essa import EssaError  # noqa: E402
 from essa.cli import main  # noqa: E402
 from essa.compare import build_configs, run_compare  # noqa: E402
 from essa.config import from_dict  # noqa: E402
 from essa.grpo import GRPORunConfig, run_grpo  # noqa: E402
 from essa.models import load_model  # noqa: E402
+from helpers import random_adapter
 
 REWARD = '''
 def vowel_fraction(prompts, completions, **columns):

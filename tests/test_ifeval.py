@@ -11,8 +11,18 @@ import pytest
 
 from essa import EssaError
 from essa.tasks import get_task
-from essa.tasks.ifeval import (IFEVAL, build_instructions, check_row, ifeval_evaluate, ifeval_reward,
-                               ifeval_rows, instruction_ids, loose_variants, make_ifeval_reward, nltk_data_dir)
+from essa.tasks.ifeval import (
+    IFEVAL,
+    build_instructions,
+    check_row,
+    ifeval_evaluate,
+    ifeval_reward,
+    ifeval_rows,
+    instruction_ids,
+    loose_variants,
+    make_ifeval_reward,
+    nltk_data_dir,
+)
 from essa.tasks.ifeval_data import make_ifeval_like, rejection_sample, write_jsonl
 
 

@@ -115,8 +115,8 @@ def test_cli_flags_parse_like_yaml():
 def test_shipped_configs_parse():
     from pathlib import Path
 
-    from essa.config import load_yaml
     from essa.config import from_dict as build
+    from essa.config import load_yaml
     from essa.grpo import GRPORunConfig
     from essa.trainer import TrainConfig
 

@@ -6,10 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from essa import EssaError
-from essa import strategies
-from essa.strategies import (DEFAULT_SIGMA0, STRATEGIES, centred_ranks, default_popsize, make_strategy,
-                             strategy_from_state)
+from essa import EssaError, strategies
+from essa.strategies import DEFAULT_SIGMA0, STRATEGIES, centred_ranks, default_popsize, make_strategy, strategy_from_state
 
 ALL = sorted(STRATEGIES)
 DIM, POP = 20, 16

@@ -13,13 +13,12 @@ import pytest
 import yaml
 from peft import PeftModel
 
-from helpers import random_adapter
-
 from essa import EssaError
 from essa.cli import main
 from essa.config import from_dict
 from essa.models import load_model
 from essa.trainer import TrainConfig, load_checkpoint, train
+from helpers import random_adapter
 
 REWARD = '''
 def vowel_fraction(prompts, completions, **columns):
@@ -121,3 +120,73 @@ def test_sigkill_and_resume_reproduces_the_run(setup, tmp_path):
     a = np.load(Path(ref["run_dir"]) / "checkpoint.npz")
     b = np.load(killed / "checkpoint.npz")
     assert np.array_equal(a["best_offset"], b["best_offset"])
+
+
+ALWAYS_NONE = '''
+def nothing(prompts, completions, **columns):
+    return [None] * len(completions)
+'''
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"val_size": 0}, "val_size must be >= 1"), ({"val_size": -1}, "val_size must be >= 1"),
+    ({"test_limit": -1}, "test_limit must be >= 0"), ({"generation": {"temperature": -1}}, "temperature must be >= 0"),
+    ({"generation": {"num_samples": 0}}, "num_samples >= 1"), ({"generation": {"top_p": 0}}, "top_p must be in"),
+    ({"sigma0": "big"}, "sigma0 must be"), ({"sigma0": -0.1}, "sigma0 must be"),
+])
+def test_out_of_range_settings_fail_with_one_line(setup, over, match):
+    root, model = setup
+    with pytest.raises(EssaError, match=match) as e:
+        from_dict(TrainConfig, config(root, model, "bad", **over))
+    assert "\n" not in str(e.value)
+
+
+def test_generation_without_valid_reward_never_ranks(setup):
+    root, model = setup
+    (root / "none_reward.py").write_text(ALWAYS_NONE)
+    s = train(from_dict(TrainConfig, config(root, model, "none", generations=2, test_limit=0, val_metric="accuracy",
+                                            reward=f"{root}/none_reward.py:nothing")))
+    meta, arrays = load_checkpoint(s["run_dir"])
+    assert meta["loop"]["best_fitness"] == float("-inf") and not arrays["best_candidate"].any()
+    final = json.loads((Path(s["run_dir"]) / "adapters" / "final" / "essa_genome.json").read_text())
+    assert not any(final["offset"])  # the mean never moved
+
+
+def test_run_directories_are_protected(setup, tmp_path):
+    root, model = setup
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(EssaError, match="not empty"):
+        train(from_dict(TrainConfig, config(root, model, "x", output_dir=str(other))))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "keep me"
+    # one process per run directory
+    from essa.trainer import _lock_run_dir
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    held = _lock_run_dir(busy)
+    try:
+        with pytest.raises(EssaError, match="in use"):
+            train(from_dict(TrainConfig, config(root, model, "x", output_dir=str(busy))))
+    finally:
+        held.close()
+
+
+def test_resume_writes_only_into_the_folder_given(setup, tmp_path, capsys):
+    import shutil
+
+    root, model = setup
+    first = train(from_dict(TrainConfig, config(root, model, "moved-src", generations=2, test_limit=0)))
+    src = Path(first["run_dir"])
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["generations"] = 3
+    (moved / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "--resume", str(moved)]) == 0
+    assert [r[0] for r in fitness_sequence(moved)] == [1, 2, 3]
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before  # the original is untouched
+    assert main(["train", "--resume", str(moved), "--set", "generations=5"]) == 2
+    assert "drop --config/--set" in capsys.readouterr().err

@@ -62,6 +62,9 @@ def cmd_train(args):
     from essa.trainer import TrainConfig, resume, train
 
     if args.resume:
+        if args.config or args.set:
+            raise EssaError("--resume continues a run with the settings it was started with; drop --config/--set "
+                            "(or start a new run with them)")
         summary = resume(args.resume)
     else:
         if not args.config and not args.set:
@@ -137,8 +140,8 @@ def cmd_demo(args):
 
 def cmd_config_help(args):
     from essa.evaluate import EvalConfig
-    from essa.sft import SFTConfig
     from essa.grpo import GRPORunConfig
+    from essa.sft import SFTConfig
     from essa.trainer import TrainConfig
 
     cls = {"train": TrainConfig, "sft": SFTConfig, "eval": EvalConfig, "grpo": GRPORunConfig}[args.which]

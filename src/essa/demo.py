@@ -35,7 +35,7 @@ def run_demo(fast: bool = False, out: str = "runs/demo") -> dict:  # noqa: C901
                       generations=1 if fast else 4, batch_size=2 if fast else 4, val_size=4 if fast else 12,
                       eval_every=2, test_limit=4 if fast else 16, seed=0, sigma0=0.02,
                       generation=SamplingConfig(max_new_tokens=32 if fast else 128), device="cpu")
-    if (run_dir / "checkpoint.npz").exists():
+    if run_dir.exists():
         import shutil
 
         shutil.rmtree(run_dir)

@@ -45,6 +45,15 @@ class SamplingConfig:
     seed: int = field(default=0, metadata={"help": "seed of the counter-based sampler"})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings: generation ends after any of them (they are cut from the text)"})
 
+    def validate(self):
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise EssaError(f"generation needs max_new_tokens >= 1 and num_samples >= 1 (got {self.max_new_tokens}, "
+                            f"{self.num_samples})")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EssaError(f"generation.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise EssaError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+
 
 @dataclass
 class Completion:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from essa import EssaError
 from essa.config import help_field
 from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+from essa.rewards import safe_rewards
 from essa.tasks import Task, get_task, load_rows
 
 
@@ -34,14 +36,14 @@ class EvalConfig:
     memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
     max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
     output: str | None = help_field(None, "per-example jsonl path (default: eval-<task>.jsonl in the current folder)")
+    reward: str | None = help_field(None, "also report reward_mean, the mean of this reward over the greedy completions "
+                                    "(a reward spec as in `essa train`; needed for the prompts task)")
     num_samples: int = help_field(1, "k > 1: also sample k completions per prompt and report avg@k and pass@k beside greedy accuracy")
     temperature: float = help_field(0.6, "sampling temperature of the k samples (num_samples > 1)")
     top_p: float = help_field(0.95, "nucleus sampling of the k samples (num_samples > 1)")
     seed: int = help_field(0, "seed of the counter-based sampler (num_samples > 1)")
 
     def validate(self):
-        from essa import EssaError
-
         if self.num_samples < 1 or not (self.temperature > 0) or not (0 < self.top_p <= 1):
             raise EssaError(f"num_samples must be >= 1, temperature > 0 and 0 < top_p <= 1 (got {self.num_samples}, "
                             f"{self.temperature}, {self.top_p}); e.g. --num-samples 8 --temperature 0.6 --top-p 0.95")
@@ -49,6 +51,21 @@ class EvalConfig:
 
 def resolve_system_prompt(task: Task, value: str | None) -> str | None:
     return task.system_prompt if value == "task" else value
+
+
+def validation_score(task, metric: str, reward_fn, rows: list[dict], texts: list[str]) -> float:
+    """The number validation selects by: the mean reward (``metric='reward'``; invalid values are left
+    out, none valid = -inf, so such a model never ranks) or a metric of the task's evaluation."""
+    if metric == "reward":
+        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
+        values, _ = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, columns)
+        valid = [v for v in values if math.isfinite(v)]
+        return float(sum(valid) / len(valid)) if valid else -math.inf
+    metrics = task.evaluate(rows, texts)
+    if metric not in metrics or isinstance(metrics[metric], bool) or not isinstance(metrics[metric], (int, float)):
+        raise EssaError(f"val_metric {metric!r} is not a metric of task {task.name!r}; use 'reward' or one of: "
+                        f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
+    return float(metrics[metric])
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -131,6 +148,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     task = get_task(cfg.task)
     source = cfg.data or task.test_split
+    if source is None:
+        raise EssaError(f"task {cfg.task!r} has no test split; pass --data FILE.jsonl (and --reward for a score)")
     rows = load_rows(task, source, limit=cfg.limit)
     engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization,
                           memory_budget_gb=cfg.memory_budget_gb, max_batch_rows=cfg.max_batch_rows)
@@ -142,6 +161,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         resolve_system_prompt(task, cfg.system_prompt), progress)
     bar.close()
     sampled = {}
+    if cfg.reward is not None:
+        from essa.rewards import resolve_reward
+
+        fn = resolve_reward(cfg.reward, device=str(engine.device), system_prompt=resolve_system_prompt(task, cfg.system_prompt))
+        sampled["reward_mean"] = validation_score(task, "reward", fn, rows, [c.text for c in completions])
     if cfg.num_samples > 1:
         system_prompt = resolve_system_prompt(task, cfg.system_prompt)
         ids = chat_prompts(engine.tokenizer, [r["prompt"] for r in rows], system_prompt)

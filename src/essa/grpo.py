@@ -142,7 +142,7 @@ class EssaReward:
         self._pending: list[float] = []
 
     def __call__(self, prompts, completions, completion_ids=None, essa_row=None, **_):
-        from essa.trainer import safe_rewards
+        from essa.rewards import safe_rewards
 
         rows = [self.rows[int(i)] for i in essa_row]
         texts = [_text(c) for c in completions]
@@ -273,10 +273,10 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from peft import PeftModel
     from transformers import TrainerCallback
 
-    from essa.evaluate import write_jsonl_atomic
+    from essa.evaluate import validation_score, write_jsonl_atomic
     from essa.models import load_model
     from essa.tasks import load_rows
-    from essa.trainer import resolve_val_metric, task_setup, validation_score
+    from essa.trainer import resolve_val_metric, task_setup
 
     GRPOTrainer = _import_trl()
     import trl
@@ -424,6 +424,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
                "generations": st["step"], "steps": st["step"], "best_val": st["best_val"],
                "best_val_generation": st["best_val_step"],
                "selection_split": f"{len(val_rows)} rows held out from {task.name} RL/train data",
+               "val_metric": val_metric, "system_prompt": system_prompt,
                "wall_seconds": round(st["wall"], 2), "tokens_generated": reward.tokens,
                "invalid_rewards": reward.invalid, "stopped_by_budget": st["stopped_by_budget"],
                "adapters": {"best": str(adapters / "best"), "final": str(final_dir)}}

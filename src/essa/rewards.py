@@ -251,3 +251,17 @@ def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remot
         return import_reward(spec)
     raise EssaError(f"unknown reward {spec!r}; use a task name ({', '.join(TASK_NAMES)}), "
                     f"reward_model:<folder or hub id>, or module:function")
+
+
+def safe_rewards(reward_fn, prompts, completions, columns) -> tuple[list[float], int]:
+    """Call a reward; None/NaN entries or an exception become NaN, counted as invalid."""
+    try:
+        values = reward_fn(prompts, completions, **columns)
+        values = [float("nan") if v is None else float(v) for v in values]
+        if len(values) != len(completions):
+            raise ValueError(f"reward returned {len(values)} values for {len(completions)} completions")
+    except Exception as e:  # noqa: BLE001 - a user reward must not kill a long run
+        print(f"essa: reward raised {type(e).__name__}: {e}; scoring these completions as worst")
+        values = [float("nan")] * len(completions)
+    invalid = sum(1 for v in values if not math.isfinite(v))
+    return values, invalid

@@ -30,7 +30,8 @@ import numpy as np
 from essa import EssaError
 from essa.config import from_dict, help_field, to_dict
 from essa.engine import SamplingConfig, chat_prompts
-from essa.evaluate import build_engine, resolve_system_prompt, write_jsonl_atomic
+from essa.evaluate import build_engine, resolve_system_prompt, validation_score, write_jsonl_atomic
+from essa.rewards import safe_rewards
 from essa.tasks import get_task, load_rows, split_rl_data
 
 CHECKPOINT = "checkpoint.npz"
@@ -105,6 +106,12 @@ class TrainConfig(RunConfig):
             raise EssaError("config needs `adapter`: the SFT LoRA adapter folder (run `essa sft` first)")
         if self.popsize < 2 or self.generations < 0 or self.batch_size < 1 or self.eval_every < 1:
             raise EssaError("popsize must be >= 2, generations >= 0, batch_size >= 1 and eval_every >= 1")
+        if self.val_size < 1:
+            raise EssaError(f"val_size must be >= 1 (validation rows carved from the training data), got {self.val_size}")
+        if self.test_limit is not None and self.test_limit < 0:
+            raise EssaError(f"test_limit must be >= 0 (0 = skip the test) or null (all), got {self.test_limit}")
+        if self.test_num_samples < 1:
+            raise EssaError(f"test_num_samples must be >= 1, got {self.test_num_samples}")
         if isinstance(self.sigma0, str) and self.sigma0 != "auto":
             raise EssaError(f"sigma0 must be a positive number, 'auto' or null, got {self.sigma0!r}")
         if isinstance(self.sigma0, float) and not (math.isfinite(self.sigma0) and self.sigma0 > 0):
@@ -142,19 +149,6 @@ def resolve_val_metric(cfg: RunConfig, task) -> str:
     return "accuracy" if cfg.reward is None and task.reward is not None else "reward"
 
 
-def validation_score(task, metric: str, reward_fn, rows: list[dict], texts: list[str]) -> float:
-    """The number validation selects by: the mean reward (``metric='reward'``; invalid values are left
-    out, none valid = -inf, so such a model never ranks) or a metric of the task's evaluation."""
-    if metric == "reward":
-        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
-        values, _ = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, columns)
-        valid = [v for v in values if math.isfinite(v)]
-        return float(sum(valid) / len(valid)) if valid else -math.inf
-    metrics = task.evaluate(rows, texts)
-    if metric not in metrics or isinstance(metrics[metric], bool) or not isinstance(metrics[metric], (int, float)):
-        raise EssaError(f"val_metric {metric!r} is not a metric of task {task.name!r}; use 'reward' or one of: "
-                        f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
-    return float(metrics[metric])
 
 
 def _atomic_write_bytes(path: Path, data: bytes):
@@ -189,18 +183,6 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
-def safe_rewards(reward_fn, prompts, completions, columns) -> tuple[list[float], int]:
-    """Call a reward; None/NaN entries or an exception become NaN, counted as invalid."""
-    try:
-        values = reward_fn(prompts, completions, **columns)
-        values = [float("nan") if v is None else float(v) for v in values]
-        if len(values) != len(completions):
-            raise ValueError(f"reward returned {len(values)} values for {len(completions)} completions")
-    except Exception as e:  # noqa: BLE001 - a user reward must not kill a long run
-        print(f"essa: reward raised {type(e).__name__}: {e}; scoring these completions as worst")
-        values = [float("nan")] * len(completions)
-    invalid = sum(1 for v in values if not math.isfinite(v))
-    return values, invalid
 
 
 class DataStream:
@@ -241,8 +223,13 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
     if resume_from is None and (run_dir / CHECKPOINT).exists():
         raise EssaError(f"{run_dir} already holds a run; continue it with `essa train --resume {run_dir}` "
                         f"or choose another output_dir")
+    if resume_from is None and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        raise EssaError(f"{run_dir} is not empty and holds no essa train run; choose a new or empty output_dir "
+                        f"(nothing in it was changed)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    lock = _lock_run_dir(run_dir)  # noqa: F841 - held (one process per run directory) until train() returns
+    if resume_from is None:
+        _atomic_write_bytes(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
 
     task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
     val_metric = resolve_val_metric(cfg, task)
@@ -357,14 +344,15 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
         worst = float(valid.min()) if valid.size else 0.0
         arr = np.where(np.isfinite(arr), arr, worst)
         fitness = arr.mean(axis=1)                                      # mean over prompts and samples
-        flat = bool(np.ptp(fitness) == 0)
-        if not flat:  # all equal: no information; telling would move the mean in ask order (random)
+        # all equal (or no valid reward at all): no information; telling would move the mean in ask order
+        flat = bool(np.ptp(fitness) == 0) or valid.size == 0
+        if not flat:
             strategy.tell(X, fitness)
         gen_tokens = engine.stats.useful_tokens - tok0
         st["tokens"] += gen_tokens
         st["invalid_rewards"] += invalid
         top = int(np.argmax(fitness))
-        if fitness[top] > st["best_fitness"]:
+        if valid.size and fitness[top] > st["best_fitness"]:  # a generation without a valid reward never ranks
             st["best_fitness"], best_candidate = float(fitness[top]), np.asarray(X[top], dtype=np.float64)
         st["generation"] = gen
         wall = time.perf_counter() - t_start
@@ -486,6 +474,21 @@ def _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate):
     save_checkpoint(run_dir, {"loop": st, "strategy": s_meta, "data": d_meta}, arrays)
 
 
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on RUN_DIR/.lock for this process (released when the file object is closed or the
+    process ends, however it ends); a second process on the same run directory fails with one line."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise EssaError(f"{run_dir} is in use by another essa process; wait for it to finish or choose another "
+                        f"output_dir") from None
+    return f
+
+
 def _truncate_jsonl(path: Path, generation: int):
     """Keep only records up to `generation` (lines written after the last checkpoint are redone)."""
     if not path.exists():
@@ -501,5 +504,7 @@ def resume(run_dir: str) -> dict:
     if not cfg_path.exists():
         raise EssaError(f"{run_dir} has no config.json; pass the run directory of an `essa train` run")
     ckpt = load_checkpoint(run_dir)
-    cfg = from_dict(TrainConfig, json.loads(cfg_path.read_text()))
+    data = json.loads(cfg_path.read_text())
+    data["output_dir"] = str(run_dir)  # a moved or copied run continues where it is, never at its old path
+    cfg = from_dict(TrainConfig, data)
     return train(cfg, resume_from=ckpt)
