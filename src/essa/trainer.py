@@ -149,8 +149,6 @@ def resolve_val_metric(cfg: RunConfig, task) -> str:
     return "accuracy" if cfg.reward is None and task.reward is not None else "reward"
 
 
-
-
 def _atomic_write_bytes(path: Path, data: bytes):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
@@ -181,8 +179,6 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     return meta, arrays
-
-
 
 
 class DataStream:
