@@ -117,7 +117,7 @@ def test_reward_model_alignment_on_prompt_only_data(tiny_model_dir, tmp_path):
     cfg = from_dict(TrainConfig, {
         "model": tiny_model_dir, "adapter": str(tmp_path / "sft"), "task": "prompts",
         "train_data": str(tmp_path / "train.jsonl"), "test_data": str(tmp_path / "test.jsonl"),
-        "reward": f"reward_model:{tmp_path / 'rm'}", "reward_options": {"batch_size": 4},
+        "reward": f"reward_model:{tmp_path / 'rm'}", "reward_options": {"batch_size": 4, "score_head": "logits:0"},
         "generations": 2, "popsize": 4, "sigma0": 0.3, "batch_size": 2, "val_size": 3, "eval_every": 1,
         "generation": {"max_new_tokens": 4}, "output_dir": str(tmp_path / "run"), "device": "cpu",
         "tensorboard": False})
@@ -155,3 +155,26 @@ def test_train_final_test_reports_avg_and_pass_at_k(tiny_model_dir, tmp_path):
         "tensorboard": False}))
     for name in ("sft", "best", "final"):
         assert {f"test_{name}", f"test_{name}_avg@2", f"test_{name}_pass@1", f"test_{name}_pass@2"} <= set(s)
+
+
+def test_reward_model_score_head_option(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from essa import EssaError
+    from essa.models import load_tokenizer
+    from essa.rewards import reward_model_reward
+
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=2, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    first = reward_model_reward(str(tmp_path / "rm"), device="cpu")(["a", "b"], ["x", "y"])
+    second = reward_model_reward(str(tmp_path / "rm"), device="cpu", score_head="logits:1")(["a", "b"], ["x", "y"])
+    assert first != second and all(isinstance(v, float) for v in first + second)
+    with pytest.raises(EssaError, match="no .score"):
+        reward_model_reward(str(tmp_path / "rm"), device="cpu", score_head="score")(["a"], ["x"])
+    with pytest.raises(EssaError, match="score_head"):
+        reward_model_reward(str(tmp_path / "rm"), device="cpu", score_head="bogus")

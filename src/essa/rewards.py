@@ -31,7 +31,7 @@ RewardFn = Callable[..., list]
 
 def reward_model_reward(model: str, device: str = "auto", batch_size: int = 16, trust_remote_code: bool = False,
                         system_prompt: str | None = None, max_length: int | None = None,
-                        dtype: str = "auto") -> RewardFn:
+                        dtype: str = "auto", score_head: str = "auto") -> RewardFn:
     """Score (prompt, completion) pairs with a sequence-classification reward model.
 
     ``model``: a local HF folder or a hub id of any ``AutoModelForSequenceClassification`` (hub ids
@@ -43,8 +43,9 @@ def reward_model_reward(model: str, device: str = "auto", batch_size: int = 16, 
     ``max_length`` (default: the tokenizer's limit, at most 4096 tokens), and scored in batches of
     ``batch_size`` without gradients, on ``device`` (``auto``: CUDA if available, the policy's device).
 
-    Score: the model output's ``score`` field when it has one (custom heads), else ``logits[:, 0]``
-    (a one-label reward model's reward; for a multi-label classifier, the first label's logit).
+    Score (``score_head``): ``auto`` = the model output's ``score`` field when it has one (custom heads
+    such as ArmoRM's), else ``logits[:, 0]``; ``score`` = that field (an error if the output has none);
+    ``logits:N`` = ``logits[:, N]`` (a one-label reward model's reward is ``logits:0``).
     A non-finite score is returned as ``None``.
 
     Examples::
@@ -65,6 +66,9 @@ def reward_model_reward(model: str, device: str = "auto", batch_size: int = 16, 
 
     if batch_size < 1:
         raise EssaError(f"reward model batch_size must be >= 1 (got {batch_size}); pass a positive value")
+    head = score_head
+    if not (head in ("auto", "score") or (head.startswith("logits:") and head[7:].isdigit())):
+        raise EssaError(f"reward model score_head must be auto, score or logits:N, got {score_head!r}")
     path = resolve_model(model)
     dev = pick_device(device)
     try:
@@ -106,9 +110,11 @@ def reward_model_reward(model: str, device: str = "auto", batch_size: int = 16, 
         for i in range(0, len(completions), batch_size):
             batch = encode(prompts[i:i + batch_size], completions[i:i + batch_size]).to(dev)
             res = rm(**batch)
-            score = getattr(res, "score", None)
+            score = getattr(res, "score", None) if head in ("auto", "score") else None
+            if score is None and head == "score":
+                raise EssaError(f"reward model {model!r} returns no .score; use score_head auto or logits:N")
             if score is None:
-                score = res.logits[:, 0]
+                score = res.logits[:, int(head[7:]) if head.startswith("logits:") else 0]
             score = score.float().reshape(len(batch["input_ids"]), -1)[:, 0]
             out.extend(v if math.isfinite(v) else None for v in score.cpu().tolist())
         return out
@@ -211,7 +217,7 @@ def combine_rewards(parts: Iterable[tuple[RewardFn, float]]) -> RewardFn:
 
 
 def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remote_code: bool = False,
-                   system_prompt: str | None = None, max_length: int | None = None) -> RewardFn:
+                   system_prompt: str | None = None, max_length: int | None = None, score_head: str = "auto") -> RewardFn:
     """A reward function from a spec (see the module docstring); a callable is returned unchanged.
 
     ``device``, ``batch_size``, ``trust_remote_code`` and ``system_prompt`` are passed to reward models.
@@ -229,7 +235,7 @@ def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remot
                 sub, w = item
             else:
                 raise EssaError(f"reward entry {item!r} is not {{reward: SPEC, weight: W}}; fix the rewards list")
-            parts.append((resolve_reward(sub, device, batch_size, trust_remote_code, system_prompt, max_length), w))
+            parts.append((resolve_reward(sub, device, batch_size, trust_remote_code, system_prompt, max_length, score_head), w))
         return combine_rewards(parts)
     if not isinstance(spec, str) or not spec.strip():
         raise EssaError(f"reward {spec!r} is not a reward spec; use a task name, reward_model:PATH or module:function")
@@ -246,7 +252,7 @@ def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remot
             raise EssaError("reward_model: needs a model; write reward_model:<local folder or hub id>")
         return reward_model_reward(target, device=device, batch_size=batch_size,
                                    trust_remote_code=trust_remote_code, system_prompt=system_prompt,
-                                   max_length=max_length)
+                                   max_length=max_length, score_head=score_head)
     if ":" in spec:
         return import_reward(spec)
     raise EssaError(f"unknown reward {spec!r}; use a task name ({', '.join(TASK_NAMES)}), "

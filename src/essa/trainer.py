@@ -47,8 +47,8 @@ class RunConfig:
     reward: str | list | None = help_field(None, "reward: null = the task's reward; a task name; "
                                            "'module:function'; 'reward_model:PATH'; or a list of {reward, weight}")
     reward_options: dict = help_field({}, "options of reward models (reward_model:...): batch_size (16), trust_remote_code "
-                                      "(false; ArmoRM needs true), max_length; the score is the output's .score "
-                                      "when it has one (ArmoRM), else logits[:, 0]")
+                                      "(false; ArmoRM needs true), max_length, score_head (auto = the output's .score "
+                                      "when it has one, as ArmoRM's, else logits[:, 0]; score; logits:N)")
     system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
     train_data: str | None = help_field(None, "RL prompts: split name, .jsonl or HF id (default: the task's RL split)")
     val_size: int = help_field(200, "validation examples carved (seeded) from the RL data; never trained on")
@@ -133,9 +133,10 @@ def task_setup(cfg: RunConfig):
         raise EssaError(f"task {task.name!r} has no reward of its own; set `reward:` (e.g. reward_model:PATH or "
                         f"module:function)")
     opts = dict(cfg.reward_options)
-    unknown = sorted(set(opts) - {"batch_size", "trust_remote_code", "max_length"})
+    unknown = sorted(set(opts) - {"batch_size", "trust_remote_code", "max_length", "score_head"})
     if unknown:
-        raise EssaError(f"unknown reward_options key {unknown[0]!r}; valid: batch_size, trust_remote_code, max_length")
+        raise EssaError(f"unknown reward_options key {unknown[0]!r}; valid: batch_size, trust_remote_code, max_length, "
+                        f"score_head")
     reward_fn = (resolve_reward(cfg.reward, device=cfg.device, system_prompt=system_prompt, **opts)
                  if cfg.reward is not None else task.reward)
     val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
