@@ -141,10 +141,10 @@ def main(argv=None):
     seeds = {}
     for seed in args.seeds:
         run_dir = out / f"essa-s{seed}"
-        if not (run_dir / "summary.json").exists():
-            if run_dir.exists():
-                import shutil
-                shutil.rmtree(run_dir)
+        if not (run_dir / "summary.json").exists() and (run_dir / "checkpoint.npz").exists():
+            # an interrupted run of this study continues from its checkpoint (nothing is deleted)
+            run(essa + ["train", "--resume", str(run_dir)], out / f"train-s{seed}-resume.log", commands)
+        elif not (run_dir / "summary.json").exists():
             run(essa + ["train", "--config", str(Path(args.config).resolve()), "--set", f"adapter={sft}", "--set",
                         f"train_data={out / 'train.jsonl'}", "--set", f"seed={seed}", "--set", f"output_dir={run_dir}",
                         "--set", f"max_minutes={args.budget_minutes}"] + [x for s in args.set for x in ("--set", s)],

@@ -83,10 +83,12 @@ def test_user_benchmark_file_goes_through_the_math_checker(tmp_path):
 def test_eval_cli_reports_avg_and_pass_at_k(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "e.jsonl"
     assert main(["eval", "--model", tiny_model_dir, "--task", "gsm8k", "--limit", "3", "--max-new-tokens", "4",
-                 "--num-samples", "4", "--temperature", "1.0", "--device", "cpu", "--output", str(out)]) == 0
+                 "--num-samples", "4", "--temperature", "1.0", "--device", "cpu", "--output", str(out),
+                 "--reward", "gsm8k"]) == 0
     text = capsys.readouterr().out
     summary = json.loads(text[text.index("{"):])
-    assert {"accuracy", "avg@4", "pass@1", "pass@2", "pass@4", "sampling", "system_prompt"} <= set(summary)
+    assert {"accuracy", "avg@4", "pass@1", "pass@2", "pass@4", "sampling", "system_prompt", "reward_mean"} <= set(summary)
+    assert summary["reward_mean"] == summary["accuracy"]  # gsm8k's reward over the greedy completions
     assert summary["system_prompt"] == get_task("gsm8k").system_prompt
     assert 0 <= summary["pass@1"] <= summary["pass@4"] <= 1
 

@@ -333,7 +333,7 @@ class PopulationEngine:
 
         Returns (logp [K, P, T, V] float32 on the CPU, mask [P, T] bool): position t of prompt p is
         the distribution that predicts ``completion_ids[p][t]``; T is the longest completion. One
-        batched forward (HF path, right padding) of the K × P rows. For measuring how far candidates
+        forward (HF path, right padding) of the P rows per candidate. For measuring how far candidates
         move the model (``essa.explore``), not for decoding.
         """
         if self.genome is None:

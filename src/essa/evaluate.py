@@ -161,13 +161,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         resolve_system_prompt(task, cfg.system_prompt), progress)
     bar.close()
     sampled = {}
+    system_prompt = resolve_system_prompt(task, cfg.system_prompt)
     if cfg.reward is not None:
         from essa.rewards import resolve_reward
 
-        fn = resolve_reward(cfg.reward, device=str(engine.device), system_prompt=resolve_system_prompt(task, cfg.system_prompt))
+        fn = resolve_reward(cfg.reward, device=str(engine.device), system_prompt=system_prompt)
         sampled["reward_mean"] = validation_score(task, "reward", fn, rows, [c.text for c in completions])
     if cfg.num_samples > 1:
-        system_prompt = resolve_system_prompt(task, cfg.system_prompt)
         ids = chat_prompts(engine.tokenizer, [r["prompt"] for r in rows], system_prompt)
         bar = tqdm(total=len(rows) * cfg.num_samples, desc=f"eval {cfg.task} x{cfg.num_samples} samples", unit="row")
         progress = lambda done, toks: (bar.update(done - bar.n), bar.set_postfix(tok=toks))  # noqa: E731
@@ -175,8 +175,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
             num_samples=cfg.num_samples, seed=cfg.seed), progress=progress)
         bar.close()
-        sampled = {"sampling": {"num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                                "seed": cfg.seed}, **sampled_metrics(task, rows, per_prompt)}
+        sampled.update({"sampling": {"num_samples": cfg.num_samples, "temperature": cfg.temperature,
+                                     "top_p": cfg.top_p, "seed": cfg.seed}, **sampled_metrics(task, rows, per_prompt)})
     wall = time.perf_counter() - t0
     out_path = Path(cfg.output or f"eval-{cfg.task}.jsonl")
     per_example = metrics.pop("results", None) or [{} for _ in rows]
@@ -186,7 +186,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                         for r, c, s, extra in zip(rows, completions, scores, per_example)), out_path)
     st = engine.stats
     summary = {"task": cfg.task, "model": cfg.model, "adapter": cfg.adapter, "data": source,
-               "system_prompt": resolve_system_prompt(task, cfg.system_prompt), **metrics, **sampled,
+               "system_prompt": system_prompt, **metrics, **sampled,
                "wall_seconds": round(wall, 2), "generated_tokens": st.useful_tokens,
                "tokens_per_second": round(st.useful_tokens / max(wall, 1e-9), 1),
                "device": str(engine.device), "quantization": cfg.quantization, "output": str(out_path)}
