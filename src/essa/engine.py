@@ -147,6 +147,17 @@ def chat_prompts(tokenizer, prompts: Sequence[str], system_prompt: str | None = 
     return out
 
 
+def check_context(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, what: str):
+    """One line naming the first prompt that, with ``max_new_tokens``, does not fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + max_new_tokens > limit:
+            raise EssaError(f"{what} prompt {i + 1} is {len(ids)} tokens: with max_new_tokens {max_new_tokens} it exceeds "
+                            f"the model's context of {limit} tokens; shorten or drop that row, or lower max_new_tokens")
+
+
 def _mix(x: torch.Tensor) -> torch.Tensor:
     """A splitmix64-style integer hash on int64 tensors (wrapping arithmetic)."""
     x = x * -7046029254386353131  # 0x9E3779B97F4A7C15 as signed int64

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from essa import EssaError
 from essa.config import help_field
-from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+from essa.engine import PopulationEngine, SamplingConfig, chat_prompts, check_context
+from essa.files import write_jsonl_atomic
 from essa.rewards import safe_rewards
 from essa.tasks import Task, get_task, load_rows
 
@@ -36,6 +33,7 @@ class EvalConfig:
     memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
     max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
     output: str | None = help_field(None, "per-example jsonl path (default: eval-<task>.jsonl in the current folder)")
+    overwrite: bool = help_field(False, "replace an existing output file (otherwise an existing file is an error)")
     reward: str | None = help_field(None, "also report reward_mean, the mean of this reward over the greedy completions "
                                     "(a reward spec as in `essa train`; needed for the prompts task)")
     num_samples: int = help_field(1, "k > 1: also sample k completions per prompt and report avg@k and pass@k beside greedy accuracy")
@@ -44,6 +42,13 @@ class EvalConfig:
     seed: int = help_field(0, "seed of the counter-based sampler (num_samples > 1)")
 
     def validate(self):
+        from essa.models import check_device
+
+        check_device(self.device)
+        if self.limit is not None and self.limit < 1:
+            raise EssaError(f"limit must be >= 1 (or omitted for all examples), got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise EssaError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_samples < 1 or not (self.temperature > 0) or not (0 < self.top_p <= 1):
             raise EssaError(f"num_samples must be >= 1, temperature > 0 and 0 < top_p <= 1 (got {self.num_samples}, "
                             f"{self.temperature}, {self.top_p}); e.g. --num-samples 8 --temperature 0.6 --top-p 0.95")
@@ -114,21 +119,6 @@ def generate_and_score(engine: PopulationEngine, task: Task, rows: list[dict], c
     return results
 
 
-def write_jsonl_atomic(records, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def build_engine(model: str, adapter: str | None, device: str = "auto", dtype: str = "auto",
                  quantization: str = "none", alpha: float = 1.0, clamp_min: float | None = None,
                  memory_budget_gb: float | None = None, max_batch_rows: int | None = None, balance: bool = True):
@@ -150,9 +140,17 @@ def run_eval(cfg: EvalConfig) -> dict:
     source = cfg.data or task.test_split
     if source is None:
         raise EssaError(f"task {cfg.task!r} has no test split; pass --data FILE.jsonl (and --reward for a score)")
+    out_path = Path(cfg.output or f"eval-{cfg.task}.jsonl")
+    if out_path.is_dir() or not out_path.parent.is_dir() or not os.access(out_path.parent, os.W_OK):
+        raise EssaError(f"cannot write {out_path} (a folder, or its folder is missing or not writable); pass --output "
+                        f"with a writable file path")
+    if out_path.exists() and not cfg.overwrite:
+        raise EssaError(f"{out_path} exists (an earlier evaluation); pass --output NEW.jsonl, or --overwrite true to replace it")
     rows = load_rows(task, source, limit=cfg.limit)
     engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization,
                           memory_budget_gb=cfg.memory_budget_gb, max_batch_rows=cfg.max_batch_rows)
+    check_context(engine.model, chat_prompts(engine.tokenizer, [r["prompt"] for r in rows],
+                                             resolve_system_prompt(task, cfg.system_prompt)), cfg.max_new_tokens, "evaluation")
     t0 = time.perf_counter()
     bar = tqdm(total=len(rows), desc=f"eval {cfg.task}", unit="ex")
     progress = lambda done, toks: (bar.update(done - bar.n), bar.set_postfix(tok=toks))  # noqa: E731
@@ -178,7 +176,6 @@ def run_eval(cfg: EvalConfig) -> dict:
         sampled.update({"sampling": {"num_samples": cfg.num_samples, "temperature": cfg.temperature,
                                      "top_p": cfg.top_p, "seed": cfg.seed}, **sampled_metrics(task, rows, per_prompt)})
     wall = time.perf_counter() - t0
-    out_path = Path(cfg.output or f"eval-{cfg.task}.jsonl")
     per_example = metrics.pop("results", None) or [{} for _ in rows]
     scores = metrics.pop("scores", [None] * len(rows))
     write_jsonl_atomic(({**{k: v for k, v in r.items()}, "completion": c.text, "finish_reason": c.finish_reason,
@@ -191,9 +188,3 @@ def run_eval(cfg: EvalConfig) -> dict:
                "tokens_per_second": round(st.useful_tokens / max(wall, 1e-9), 1),
                "device": str(engine.device), "quantization": cfg.quantization, "output": str(out_path)}
     return summary
-
-
-def evaluate_offsets(engine: PopulationEngine, task: Task, rows: list[dict], offsets: np.ndarray,
-                     sampling: SamplingConfig, system_prompt: str | None) -> list[float]:
-    """Accuracy of each offset vector on rows (one batched generation for all of them)."""
-    return [m["accuracy"] for m, _ in generate_and_score(engine, task, rows, offsets, sampling, system_prompt)]

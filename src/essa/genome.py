@@ -30,7 +30,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from essa import EssaError
+from essa.files import fault_point, install_dir, temp_dir_beside
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -115,13 +115,24 @@ def load_genome(adapter_dir: str | os.PathLike, alpha: float = 1.0, balance: boo
         raise EssaError(f"{adapter_dir} holds a {cfg.get('peft_type')} adapter; ESSA needs a LoRA adapter")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise EssaError(f"{adapter_dir} uses rank_pattern/alpha_pattern; ESSA needs one rank for all modules")
-    tensors = load_file(str(weights))
+    unsupported = [(k, why) for k, why in (("use_dora", "DoRA's magnitude vectors"), ("modules_to_save", "fully trained "
+                   "modules (modules_to_save)"), ("lora_bias", "LoRA biases (lora_bias)"), ("layer_replication",
+                   "layer replication")) if cfg.get(k)]
+    if unsupported:
+        raise EssaError(f"{adapter_dir} uses {unsupported[0][1]}, which the SVD genome cannot represent; train the SFT "
+                        f"adapter as plain LoRA ({unsupported[0][0]} off), e.g. with `essa sft`")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise EssaError(f"{weights} is damaged ({str(e).splitlines()[0][:120]}); re-export the adapter") from None
     factors: dict[str, dict[str, torch.Tensor]] = {}
     prefix = None
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if m is None:
-            continue
+        if m is None or t.dim() != 2:
+            raise EssaError(f"{weights} holds {key!r}, which is not a LoRA A/B matrix of a linear layer (embedding LoRA, "
+                            f"DoRA magnitudes, saved modules or biases); the SVD genome cannot represent it: train a "
+                            f"plain LoRA adapter on linear layers (e.g. with `essa sft`)")
         factors.setdefault(m["module"], {})[m["factor"]] = t
         prefix = key[: key.index(m["module"])] if prefix is None else prefix
     if not factors:
@@ -197,17 +208,15 @@ def export_adapter(genome: Genome, offset, out_dir: str | os.PathLike, clamp_min
     for name, (A, B) in factors(genome, offset, clamp_min).items():
         tensors[f"{genome.key_prefix}{name}.lora_A.weight"] = A.to(dtype).contiguous()
         tensors[f"{genome.key_prefix}{name}.lora_B.weight"] = B.to(dtype).contiguous()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(genome.adapter_config, indent=2))
         (tmp / "essa_genome.json").write_text(json.dumps({
             "alpha": genome.alpha, "dimension": genome.dimension, "clamp_min": clamp_min,
             "offset": [float(x) for x in torch.as_tensor(offset).reshape(-1)], **(metadata or {})}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        fault_point("export")
+        install_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

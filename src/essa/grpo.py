@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from pathlib import Path
 from essa import EssaError
 from essa.config import help_field, to_dict
 from essa.engine import SamplingConfig
+from essa.files import install_dir, temp_dir_beside
 from essa.trainer import RunConfig
 
 #: optimizer steps per rollout batch in the paper: global batch 512 / mini batch 64
@@ -99,6 +98,7 @@ class GRPORunConfig(RunConfig):
     def validate(self):
         if not self.adapter:
             raise EssaError("config needs `adapter`: the SFT LoRA adapter folder (run `essa sft` first)")
+        self.validate_run()
         if self.num_generations < 2:
             raise EssaError(f"num_generations must be >= 2 (GRPO compares completions within a group), got {self.num_generations}")
         if self.per_device_batch < 1 or self.grad_accum < 1 or self.updates_per_rollout < 1 or self.max_steps < 1:
@@ -166,23 +166,16 @@ class EssaReward:
                 "reward_max": max(vals), "reward_min": min(vals)}
 
 
-def _replace_dir(src: Path, dst: Path):
-    """Move a complete folder into place (the old one is removed first)."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)
-
-
 def save_adapter(peft_model, out_dir: Path, metadata: dict | None = None) -> Path:
     """The trained (default) LoRA adapter as a PEFT folder, written atomically."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
         if metadata:
             (tmp / "essa_grpo.json").write_text(json.dumps(metadata, indent=2))
-        _replace_dir(tmp, out_dir)
+        install_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -273,26 +266,38 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from peft import PeftModel
     from transformers import TrainerCallback
 
-    from essa.evaluate import validation_score, write_jsonl_atomic
-    from essa.models import load_model
-    from essa.tasks import load_rows
-    from essa.trainer import resolve_val_metric, task_setup
+    from essa.evaluate import validation_score
+    from essa.files import (
+        abandon_run_dir,
+        append_jsonl,
+        check_new_run_dir,
+        mark_run_dir,
+        start_run_dir,
+        write_json,
+        write_jsonl_atomic,
+    )
+    from essa.genome import load_genome
+    from essa.models import check_adapter_folder, load_model
+    from essa.trainer import load_test_rows, resolve_val_metric, task_setup
 
     GRPOTrainer = _import_trl()
     import trl
     from datasets import Dataset
 
     run_dir = Path(cfg.output_dir)
-    if (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
-        raise EssaError(f"{run_dir} already holds a run; choose another output_dir or delete that folder")
-    if not (Path(cfg.adapter) / "adapter_config.json").exists():
-        raise EssaError(f"{cfg.adapter!r} is not a PEFT adapter folder (no adapter_config.json); "
-                        f"pass the output folder of `essa sft`")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-
-    task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
-    val_metric = resolve_val_metric(cfg, task)
+    check_new_run_dir(run_dir, "grpo", resumable=False)
+    check_adapter_folder(cfg.adapter)
+    created = not run_dir.exists()
+    lock = start_run_dir(run_dir)
+    try:  # a start that fails (data, model, reward, adapter) leaves the folder as it found it
+        task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
+        val_metric = resolve_val_metric(cfg, task)
+        test_rows = load_test_rows(cfg, task)
+        load_genome(cfg.adapter)  # the validator installs the adapter as a genome: refuse what it cannot represent
+        mark_run_dir(run_dir, "grpo", to_dict(cfg))
+    except BaseException:
+        abandon_run_dir(run_dir, created, lock)
+        raise
     if cfg.generation.stop:
         print("essa grpo: generation.stop applies to validation/test only; TRL rollouts end at EOS or max_new_tokens")
 
@@ -321,7 +326,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
 
     def validate(peft_model, step: int) -> float:
         adapters.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".current-", dir=adapters))
+        tmp = temp_dir_beside(adapters / "current")
         try:
             peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
             acc = validation_score(task, val_metric, reward_fn, val_rows, validator.run(tmp, val_rows, val_ids)[1])
@@ -331,14 +336,13 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
                 (tmp / "essa_grpo.json").write_text(json.dumps({
                     "selected_by": f"validation accuracy on {len(val_rows)} held-out train rows",
                     "generation": step, "val_accuracy": acc}, indent=2))
-                _replace_dir(tmp, adapters / "best")
+                install_dir(tmp, adapters / "best")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return acc
 
     def log(record: dict):
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(run_dir / "metrics.jsonl", [record])
 
     class EssaCallback(TrainerCallback):
         """Validation every eval_every_steps / eval_every_seconds, the time budget, metrics.jsonl."""
@@ -435,9 +439,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
 
         gc.collect()
         torch.cuda.empty_cache()
-    test_source = cfg.test_data or task.test_split
-    if cfg.test_limit != 0 and test_source is not None:
-        test_rows = load_rows(task, test_source, limit=cfg.test_limit)
+    if test_rows is not None:
         test_ids = validator.prompt_ids(test_rows)
         summary["test_metric"] = val_metric
         for name, folder in (("sft", cfg.adapter), ("best", adapters / "best"), ("final", final_dir)):
@@ -446,5 +448,6 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
             write_jsonl_atomic(({"prompt": r["prompt"], "completion": t} for r, t in zip(test_rows, texts)),
                                run_dir / f"test-{name}.jsonl")
         summary["test_n"] = len(test_rows)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / "summary.json", summary)
+    lock.close()
     return summary

@@ -12,12 +12,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from essa import EssaError
+from essa.files import install_dir, temp_dir_beside
 
 #: Built-in aliases: name -> (PyPI package holding the GGUF, file name, sha256 of the GGUF).
 ALIASES = {
@@ -58,6 +58,9 @@ def resolve_model(name: str) -> str:
         if not (Path(name) / "config.json").exists():
             raise EssaError(f"model folder {name!r} has no config.json; pass an HF-format model folder, "
                             f"a hub id, or one of the aliases: {', '.join(ALIASES)}")
+        if not any(Path(name).glob("*.safetensors")):
+            raise EssaError(f"model folder {name!r} has no .safetensors weights (essa does not unpickle .bin/.pt files); "
+                            f"convert it with save_pretrained(..., safe_serialization=True)")
         return name
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name
@@ -95,21 +98,27 @@ def _resolve_alias(name: str) -> Path:
         del model.config.quantization_config  # the saved folder is plain bf16
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "essa-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # atomic: a reader sees the old folder or the complete new one
+        install_dir(tmp, out)  # atomic: a reader sees the old folder or the complete new one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def check_device(device: str):
+    """One line for a device string torch would not accept."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
+        raise EssaError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
 def pick_device(device: str = "auto") -> torch.device:
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -142,12 +151,16 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", adapter: st
 
     dev = pick_device(device)
     path = resolve_model(name)
-    tok = load_tokenizer(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))
-    except OSError as e:
-        raise EssaError(f"could not load model {name!r} ({str(e).splitlines()[0]}); "
-                        f"check the name or pass a local folder") from None
+        tok = load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev), use_safetensors=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = ("it needs custom code (auto_map), which essa does not run; use a model transformers supports natively"
+                if "trust_remote_code" in str(e) or "custom code" in str(e) else
+                "check the name (a hub id needs network access or a filled HF cache) or pass a local HF folder")
+        raise EssaError(f"could not load model {name!r} ({first[:200]}); {hint}") from None
     model.to(dev).eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -156,12 +169,21 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", adapter: st
     return model, tok
 
 
+def check_adapter_folder(adapter: str | Path):
+    """One line unless ``adapter`` is a PEFT folder with safetensors weights (pickled weights are never loaded)."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise EssaError(f"{str(adapter)!r} is not a PEFT adapter folder (no adapter_config.json); "
+                        f"pass the output folder of `essa sft` or an exported genome")
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise EssaError(f"{str(adapter)!r} has no adapter_model.safetensors (essa does not unpickle adapter_model.bin); "
+                        f"re-save it with save_pretrained(..., safe_serialization=True)")
+
+
 def attach_adapter(model, adapter: str, merge: bool = False):
     from peft import PeftModel
 
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise EssaError(f"{adapter!r} is not a PEFT adapter folder (no adapter_config.json); "
-                        f"pass the output folder of `essa sft` or an exported genome")
+    check_adapter_folder(adapter)
     model = PeftModel.from_pretrained(model, adapter)
     if merge:
         model = model.merge_and_unload()

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from essa import EssaError
+from essa.files import atomic_write_bytes, atomic_write_text, read_jsonl_lenient
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl that have a generation; damaged lines (a kill mid-write) are skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise EssaError(f"{run_dir} has no metrics.jsonl; pass the run directory of an `essa train` run")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise EssaError(f"{run_dir} has no metrics.jsonl; pass the run directory of an `essa train` or `essa grpo` run")
+    records, bad = read_jsonl_lenient(path)
+    rows = [r for r in records if isinstance(r.get("generation"), int)]
+    if bad or len(rows) < len(records):
+        print(f"essa: skipped {bad + len(records) - len(rows)} damaged line(s) of {path}")
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"essa: {path} is damaged (not JSON); the report leaves it out")
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_report(run_dir: str | Path) -> dict:
@@ -23,8 +41,9 @@ def write_report(run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    fit = [r for r in rows if "fitness_mean" in r]
-    val = [r for r in rows if "val_mean" in r]
+    num = lambda r, *keys: all(isinstance(r.get(k), (int, float)) for k in keys)  # noqa: E731
+    fit = [r for r in rows if num(r, "wall_seconds", "fitness_mean", "fitness_max", "fitness_min")]
+    val = [r for r in rows if num(r, "wall_seconds", "val_mean")]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for col, (xkey, xlabel) in enumerate((("generation", "generation"), ("wall_seconds", "wall-clock (s)"))):
         ax = axes[0, col]
@@ -45,11 +64,12 @@ def write_report(run_dir: str | Path) -> dict:
     fig.suptitle(f"ESSA run {run_dir.name}")
     fig.tight_layout()
     png = run_dir / "report.png"
-    fig.savefig(png, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
 
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    summary, config = _read_json(run_dir / "summary.json"), _read_json(run_dir / "config.json")
     lines = [f"# ESSA run `{run_dir}`", "", f"![curves]({png.name})", "", "## Configuration", ""]
     for k in ("model", "adapter", "task", "strategy", "popsize", "sigma0", "alpha", "batch_size", "generations", "seed"):
         if k in config:
@@ -66,5 +86,5 @@ def write_report(run_dir: str | Path) -> dict:
         lines += ["", "## Summary", "", "```json", json.dumps(summary, indent=2), "```",
                   "", f"Selection used: {summary.get('selection_split', 'validation split of train')} (not the test set)."]
     md = run_dir / "report.md"
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n")
     return {"plot": str(png), "markdown": str(md), "generations": len(fit), "validations": len(val)}

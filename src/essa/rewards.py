@@ -259,13 +259,55 @@ def resolve_reward(spec, device: str = "auto", batch_size: int = 16, trust_remot
                     f"reward_model:<folder or hub id>, or module:function")
 
 
+class RewardTimeout(EssaError):
+    """A reward call ran past its time limit (`reward_timeout`): the run stops instead of hanging."""
+
+
+def with_timeout(reward_fn: RewardFn, seconds: float | None) -> RewardFn:
+    """``reward_fn`` limited to ``seconds`` per call: past it, :class:`RewardTimeout` (one line, exit 2).
+
+    The call runs in a daemon thread; a reward that hangs forever is abandoned there (Python cannot kill a
+    thread) and the process ends with the error, its last checkpoint intact for ``--resume``."""
+    if seconds is None:
+        return reward_fn
+    import threading
+
+    def limited(prompts, completions, **columns):
+        box: dict = {}
+
+        def call():
+            try:
+                box["value"] = reward_fn(prompts, completions, **columns)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        worker = threading.Thread(target=call, name="essa-reward", daemon=True)
+        worker.start()
+        worker.join(seconds)
+        if worker.is_alive():
+            name = getattr(reward_fn, "__name__", "the reward")
+            raise RewardTimeout(f"reward {name} did not return within reward_timeout={seconds:g} s for {len(completions)} "
+                                f"completions; fix the reward or raise reward_timeout (runs continue from their last "
+                                f"checkpoint with --resume)")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    limited.__name__ = getattr(reward_fn, "__name__", "reward")
+    limited.__wrapped__ = reward_fn
+    return limited
+
+
 def safe_rewards(reward_fn, prompts, completions, columns) -> tuple[list[float], int]:
-    """Call a reward; None/NaN entries or an exception become NaN, counted as invalid."""
+    """Call a reward; None/NaN entries or an exception become NaN, counted as invalid. A
+    :class:`RewardTimeout` is not absorbed: it stops the run."""
     try:
         values = reward_fn(prompts, completions, **columns)
         values = [float("nan") if v is None else float(v) for v in values]
         if len(values) != len(completions):
             raise ValueError(f"reward returned {len(values)} values for {len(completions)} completions")
+    except RewardTimeout:
+        raise
     except Exception as e:  # noqa: BLE001 - a user reward must not kill a long run
         print(f"essa: reward raised {type(e).__name__}: {e}; scoring these completions as worst")
         values = [float("nan")] * len(completions)

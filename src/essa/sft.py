@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from essa import EssaError, __version__
+from essa.files import install_dir, temp_dir_beside
 
 IGNORE_INDEX = -100
 
@@ -38,6 +37,9 @@ IGNORE_INDEX = -100
 @dataclass
 class SFTConfig:
     """Settings of `essa sft` (every field is a CLI flag / YAML key of the same name)."""
+
+    def validate(self):
+        _check(self)
 
     model: str = field(default="smollm2-135m-instruct", metadata={
         "help": "Base model: a built-in alias (smollm2-135m-instruct), a local HF model folder, or a hub id."})
@@ -50,7 +52,8 @@ class SFTConfig:
     output_dir: str = field(default="runs/sft", metadata={
         "help": "Folder for the PEFT adapter, essa_sft_config.json, sft_log.jsonl and tb/ (written atomically)."})
     overwrite: bool = field(default=False, metadata={
-        "help": "Replace output_dir if it exists and is not empty (otherwise that is an error)."})
+        "help": "Replace output_dir when it holds an earlier essa sft adapter (otherwise an existing adapter is an error; "
+                "a folder holding anything else is never replaced)."})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={
         "help": "Names of the linear layers that get a LoRA adapter (the attention projections, as in the paper)."})
     rank: int = field(default=8, metadata={
@@ -259,10 +262,17 @@ def _check(cfg: SFTConfig) -> None:
         raise EssaError(f"max_steps must be >= 1 or None, got {cfg.max_steps}")
     if cfg.max_steps is None and not cfg.epochs > 0:
         raise EssaError(f"epochs must be > 0, got {cfg.epochs}; or set max_steps")
+    from essa.models import check_device
+
+    check_device(cfg.device)
     out = Path(cfg.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise EssaError(f"output_dir {out} already exists and is not empty; choose another folder or pass "
-                        f"--overwrite to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not (out / "essa_sft_config.json").is_file():
+            raise EssaError(f"output_dir {out} exists, is not empty and holds no essa sft adapter; choose another folder "
+                            f"(nothing in it was changed)")
+        if not cfg.overwrite:
+            raise EssaError(f"output_dir {out} already holds an essa sft adapter; choose another folder or pass "
+                            f"--overwrite true to replace it")
 
 
 def _batches(n: int, cfg: SFTConfig):
@@ -283,7 +293,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     _check(cfg)
     t0 = time.time()
     task = get_task(cfg.task)
-    rows = load_rows(task, cfg.data if cfg.data is not None else task.sft_split, limit=cfg.limit)
+    # SFT reads the response (or the task's reference built from its columns: response_of checks those)
+    rows = load_rows(task, cfg.data if cfg.data is not None else task.sft_split, limit=cfg.limit, task_columns=False)
     if not rows:
         raise EssaError(f"no training rows in {cfg.data or task.sft_split!r}; check --data and --limit")
 
@@ -311,8 +322,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
 
     out = Path(cfg.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     writer = None
     try:
         if cfg.tensorboard:
@@ -381,9 +391,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             "wall_time_s": round(time.time() - t0, 3),
         }
         (tmp / "essa_sft_config.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)  # atomic: the folder appears complete or not at all
+        install_dir(tmp, out)  # atomic: the folder appears complete or not at all
     finally:
         if writer is not None:
             writer.close()

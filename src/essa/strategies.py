@@ -186,15 +186,15 @@ class _CmaesStrategy(Strategy):
 
     @property
     def mean(self) -> np.ndarray:
-        return np.array(self._es._mean, dtype=np.float64)  # a copy: cmaes updates its mean in place
+        return np.array(self._es.mean, dtype=np.float64)  # a copy: cmaes updates its mean in place
 
     @property
     def sigma(self) -> float:
-        return float(self._es._sigma)
+        return float(self._es._sigma)  # cmaes 0.11-0.13 exposes no public sigma; the checkpoint walk below is private too
 
     @property
     def generation(self) -> int:
-        return int(self._es._g)
+        return int(self._es.generation)
 
     def _state(self):
         """Walk the cmaes object's __dict__: arrays -> arrays, scalars -> meta, RandomState split."""

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,24 @@ import numpy as np
 
 from essa import EssaError
 from essa.config import from_dict, help_field, to_dict
-from essa.engine import SamplingConfig, chat_prompts
-from essa.evaluate import build_engine, resolve_system_prompt, validation_score, write_jsonl_atomic
-from essa.rewards import safe_rewards
+from essa.engine import SamplingConfig, chat_prompts, check_context
+from essa.evaluate import build_engine, resolve_system_prompt, validation_score
+from essa.files import (
+    abandon_run_dir,
+    append_jsonl,
+    atomic_write_bytes,
+    check_new_run_dir,
+    fault_point,
+    lock_run_dir,
+    mark_run_dir,
+    read_jsonl_lenient,
+    remove_stale_temps,
+    run_kind,
+    start_run_dir,
+    write_json,
+    write_jsonl_atomic,
+)
+from essa.rewards import safe_rewards, with_timeout
 from essa.tasks import get_task, load_rows, split_rl_data
 
 CHECKPOINT = "checkpoint.npz"
@@ -60,6 +73,22 @@ class RunConfig:
     test_limit: int | None = help_field(None, "test examples for the final report (null = all, 0 = skip test)")
     test_num_samples: int = help_field(1, "k > 1: the final test also samples k completions per prompt (T 0.6, top-p 0.95) "
                                        "and reports avg@k and pass@k beside greedy")
+    reward_timeout: float | None = help_field(1800.0, "seconds one reward call may take (one call scores a whole generation); "
+                                              "past it the run stops with an error, resumable from its last checkpoint; "
+                                              "null = no limit")
+
+    def validate_run(self):
+        if self.val_size < 1:
+            raise EssaError(f"val_size must be >= 1 (validation rows carved from the training data), got {self.val_size}")
+        if self.test_limit is not None and self.test_limit < 0:
+            raise EssaError(f"test_limit must be >= 0 (0 = skip the test) or null (all), got {self.test_limit}")
+        if self.test_num_samples < 1:
+            raise EssaError(f"test_num_samples must be >= 1, got {self.test_num_samples}")
+        if self.reward_timeout is not None and not (self.reward_timeout > 0):
+            raise EssaError(f"reward_timeout must be > 0 seconds or null (no limit), got {self.reward_timeout}")
+        from essa.models import check_device
+
+        check_device(self.device)
 
 
 @dataclass
@@ -106,12 +135,7 @@ class TrainConfig(RunConfig):
             raise EssaError("config needs `adapter`: the SFT LoRA adapter folder (run `essa sft` first)")
         if self.popsize < 2 or self.generations < 0 or self.batch_size < 1 or self.eval_every < 1:
             raise EssaError("popsize must be >= 2, generations >= 0, batch_size >= 1 and eval_every >= 1")
-        if self.val_size < 1:
-            raise EssaError(f"val_size must be >= 1 (validation rows carved from the training data), got {self.val_size}")
-        if self.test_limit is not None and self.test_limit < 0:
-            raise EssaError(f"test_limit must be >= 0 (0 = skip the test) or null (all), got {self.test_limit}")
-        if self.test_num_samples < 1:
-            raise EssaError(f"test_num_samples must be >= 1, got {self.test_num_samples}")
+        self.validate_run()
         if isinstance(self.sigma0, str) and self.sigma0 != "auto":
             raise EssaError(f"sigma0 must be a positive number, 'auto' or null, got {self.sigma0!r}")
         if isinstance(self.sigma0, float) and not (math.isfinite(self.sigma0) and self.sigma0 > 0):
@@ -139,8 +163,21 @@ def task_setup(cfg: RunConfig):
                         f"score_head")
     reward_fn = (resolve_reward(cfg.reward, device=cfg.device, system_prompt=system_prompt, **opts)
                  if cfg.reward is not None else task.reward)
+    reward_fn = with_timeout(reward_fn, cfg.reward_timeout)
     val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
     return task, system_prompt, reward_fn, val_rows, train_rows
+
+
+def load_test_rows(cfg: RunConfig, task) -> list[dict] | None:
+    """The rows of the final test report (loaded and checked at the start, so a bad file fails in seconds,
+    not after the training); None = no test."""
+    source = cfg.test_data or task.test_split
+    if cfg.test_limit == 0:
+        return None
+    if source is None:
+        print(f"essa: task {task.name!r} has no test split; set test_data to report a test score")
+        return None
+    return load_rows(task, source, limit=cfg.test_limit)
 
 
 def resolve_val_metric(cfg: RunConfig, task) -> str:
@@ -150,35 +187,32 @@ def resolve_val_metric(cfg: RunConfig, task) -> str:
     return "accuracy" if cfg.reward is None and task.reward is not None else "reward"
 
 
-def _atomic_write_bytes(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(run_dir: Path, meta: dict, arrays: dict[str, np.ndarray]):
     """One .npz holding the arrays and the JSON metadata (as bytes); written atomically, no pickle."""
     import io
 
     buf = io.BytesIO()
     np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-    _atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
+    fault_point("checkpoint")
+    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The checkpoint's (metadata, arrays); a damaged file is one line (never unpickled)."""
+    import zipfile
+
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise EssaError(f"{run_dir} has no {CHECKPOINT}; pass the run directory of an `essa train` run")
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+        if not all(k in meta for k in ("loop", "strategy", "data")):
+            raise KeyError("loop/strategy/data")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError):
+        raise EssaError(f"{path} is damaged (not a complete essa checkpoint) and cannot be resumed; start a new run "
+                        f"into another output_dir (nothing was changed)") from None
     return meta, arrays
 
 
@@ -211,32 +245,43 @@ class DataStream:
 
 # ------------------------------------------------------------------------------ the loop
 
-def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dict:
+def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restart: bool = False) -> dict:
+    """Run ESSA (see the module docstring). ``resume_from``: a checkpoint's (meta, arrays) to continue from;
+    ``restart``: start over inside an existing run directory whose run stopped before its first checkpoint."""
     from tqdm import tqdm
 
     from essa.strategies import DEFAULT_SIGMA0, make_strategy
 
     run_dir = Path(cfg.output_dir)
-    if resume_from is None and (run_dir / CHECKPOINT).exists():
-        raise EssaError(f"{run_dir} already holds a run; continue it with `essa train --resume {run_dir}` "
-                        f"or choose another output_dir")
-    if resume_from is None and run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
-        raise EssaError(f"{run_dir} is not empty and holds no essa train run; choose a new or empty output_dir "
-                        f"(nothing in it was changed)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_run_dir(run_dir)  # noqa: F841 - held (one process per run directory) until train() returns
-    if resume_from is None:
-        _atomic_write_bytes(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2).encode())
-
-    task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
-    val_metric = resolve_val_metric(cfg, task)
-
-    engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,
-                          cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows, balance=cfg.balance)
+    fresh = resume_from is None and not restart
+    if fresh:
+        check_new_run_dir(run_dir, "train", resumable=True)
+        created = not run_dir.exists()
+        lock = start_run_dir(run_dir)
+    else:
+        lock = lock_run_dir(run_dir)
+    remove_stale_temps(run_dir)
+    try:  # a start that fails (data, model, reward, adapter) leaves the folder as it found it
+        task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
+        val_metric = resolve_val_metric(cfg, task)
+        test_rows = load_test_rows(cfg, task)
+        engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,
+                              cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows, balance=cfg.balance)
+        tok = engine.tokenizer
+        train_ids = chat_prompts(tok, [r["prompt"] for r in train_rows], system_prompt)
+        val_ids = chat_prompts(tok, [r["prompt"] for r in val_rows], system_prompt)
+        check_context(engine.model, train_ids, cfg.generation.max_new_tokens, "training")
+        check_context(engine.model, val_ids, cfg.generation.max_new_tokens, "validation")
+        if test_rows is not None:
+            check_context(engine.model, chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt),
+                          cfg.generation.max_new_tokens, "test")
+        if fresh:
+            mark_run_dir(run_dir, "train", to_dict(cfg))
+    except BaseException:
+        if fresh:
+            abandon_run_dir(run_dir, created, lock)
+        raise
     genome = engine.genome
-    tok = engine.tokenizer
-    train_ids = chat_prompts(tok, [r["prompt"] for r in train_rows], system_prompt)
-    val_ids = chat_prompts(tok, [r["prompt"] for r in val_rows], system_prompt)
     greedy_val = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, stop=cfg.generation.stop)
 
     calibration_seconds = 0.0
@@ -276,6 +321,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
     def validate(gen: int, offsets: dict[str, np.ndarray]) -> dict:
         names = list(offsets)
         outs = engine.generate(val_ids, np.stack([offsets[n] for n in names]), greedy_val)
+        fault_point("validation")
         res = {}
         for name, per_prompt in zip(names, outs):
             texts = [s[0].text for s in per_prompt]
@@ -289,8 +335,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
         return models
 
     def log(record: dict):
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(run_dir / "metrics.jsonl", [record])
         if writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and v is not None and k != "generation" and math.isfinite(v):
@@ -372,11 +417,10 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
             st["last_val_wall"] = time.perf_counter() - t_start
             record["wall_seconds"] = round(st["last_val_wall"], 3)
         st["wall_seconds"] = time.perf_counter() - t_start
-        with open(run_dir / "samples.jsonl", "a") as f:
-            for j in range(min(cfg.samples_per_generation, cfg.batch_size * S)):
-                r = top * cfg.batch_size * S + j
-                f.write(json.dumps({"generation": gen, "candidate": top, "prompt": rows[r]["prompt"],
-                                    "completion": texts[r], "reward": values[r]}) + "\n")
+        append_jsonl(run_dir / "samples.jsonl", [
+            {"generation": gen, "candidate": top, "prompt": rows[top * cfg.batch_size * S + j]["prompt"],
+             "completion": texts[top * cfg.batch_size * S + j], "reward": values[top * cfg.batch_size * S + j]}
+            for j in range(min(cfg.samples_per_generation, cfg.batch_size * S))])
         log(record)
         print(f"essa: gen {gen}: fitness mean {record['fitness_mean']:.4f} max {record['fitness_max']:.4f} "
               f"sigma {record['sigma']:.4g}" + (f" val {record['val_mean']:.4f}" if "val_mean" in record else "")
@@ -412,11 +456,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
                "selection_split": f"{len(val_rows)} rows held out from {task.name} RL/train data",
                "wall_seconds": round(st["wall_seconds"], 2), "tokens_generated": st["tokens"],
                "invalid_rewards": st["invalid_rewards"], "adapters": {"best": str(best_dir), "final": str(final_dir)}}
-    test_source = cfg.test_data or task.test_split
-    if cfg.test_limit != 0 and test_source is None:
-        print(f"essa: task {task.name!r} has no test split; set test_data to report a test score")
-    elif cfg.test_limit != 0:
-        test_rows = load_rows(task, test_source, limit=cfg.test_limit)
+    if test_rows is not None:
         test_ids = chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt)
         outs = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]), greedy_val)
         summary["test_metric"] = val_metric
@@ -436,7 +476,8 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None) -> dic
                 for key, v in sampled_metrics(task, test_rows, per_prompt).items():
                     summary[f"test_{name}_{key}"] = v
         summary["test_n"] = len(test_rows)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    fault_point("summary")
+    write_json(run_dir / "summary.json", summary)
     if writer is not None:
         writer.close()
     return summary
@@ -456,7 +497,7 @@ def _calibrate(cfg: TrainConfig, engine, train_ids, run_dir: Path) -> float:
     record = {"sigma0": sigma, "target_kl": cfg.sigma_target_kl, "kl": chosen["kl"],
               "token_agreement": chosen["agreement"], "prompts": [int(i) for i in idx],
               "seconds": round(time.perf_counter() - t0, 2), "measurements": log}
-    (run_dir / "calibration.json").write_text(json.dumps(record, indent=2))
+    write_json(run_dir / "calibration.json", record)
     print(f"essa: sigma0 auto = {sigma:.4g} (target KL {cfg.sigma_target_kl:g} nats/token: measured {chosen['kl']:.3g}, "
           f"top-1 agreement with the SFT adapter {chosen['agreement']:.3f}; {record['seconds']:.0f} s, calibration.json)")
     return float(sigma)
@@ -471,37 +512,37 @@ def _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate):
     save_checkpoint(run_dir, {"loop": st, "strategy": s_meta, "data": d_meta}, arrays)
 
 
-def _lock_run_dir(run_dir: Path):
-    """An exclusive lock on RUN_DIR/.lock for this process (released when the file object is closed or the
-    process ends, however it ends); a second process on the same run directory fails with one line."""
-    import fcntl
-
-    f = open(run_dir / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise EssaError(f"{run_dir} is in use by another essa process; wait for it to finish or choose another "
-                        f"output_dir") from None
-    return f
-
-
 def _truncate_jsonl(path: Path, generation: int):
-    """Keep only records up to `generation` (lines written after the last checkpoint are redone)."""
+    """Keep only records up to `generation` (lines written after the last checkpoint are redone; a line cut
+    off by a kill is dropped)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["generation"] <= generation]
-    _atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+    keep = [r for r in read_jsonl_lenient(path)[0] if isinstance(r.get("generation"), int) and r["generation"] <= generation]
+    write_jsonl_atomic(keep, path)
 
 
 def resume(run_dir: str) -> dict:
-    """Continue an interrupted run from its checkpoint, with the config it was started with."""
+    """Continue an interrupted run from its checkpoint, with the config it was started with (a run stopped
+    before its first checkpoint starts over, in its folder)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise EssaError(f"{run_dir} has no config.json; pass the run directory of an `essa train` run")
-    ckpt = load_checkpoint(run_dir)
-    data = json.loads(cfg_path.read_text())
+    if not run_dir.is_dir() or run_kind(run_dir) != "train" or not cfg_path.exists():
+        found = run_kind(run_dir) if run_dir.is_dir() else None
+        raise EssaError(f"{run_dir} is not an `essa train` run directory" + (f" (it holds an essa {found} run)" if found else "")
+                        + "; pass the output_dir of an `essa train` run")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EssaError(f"{cfg_path} is damaged (not JSON); the run cannot be resumed: start a new run") from None
     data["output_dir"] = str(run_dir)  # a moved or copied run continues where it is, never at its old path
     cfg = from_dict(TrainConfig, data)
-    return train(cfg, resume_from=ckpt)
+    if not (run_dir / CHECKPOINT).exists():
+        if (run_dir / "summary.json").exists():
+            raise EssaError(f"{run_dir} holds a finished run without its {CHECKPOINT}; nothing to resume")
+        print(f"essa: {run_dir} stopped before its first checkpoint; starting it over")
+        with lock_run_dir(run_dir):  # not while another process runs it
+            pass
+        for name in ("metrics.jsonl", "samples.jsonl", "calibration.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        return train(cfg, restart=True)
+    return train(cfg, resume_from=load_checkpoint(run_dir))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -41,7 +41,8 @@ class Task:
     sft_target: Callable[[dict], str] | None = None
     #: maps a local/HF record to a row; used for user-supplied data
     to_row: Callable[[dict], dict] | None = None
-    extra: dict = field(default_factory=dict)
+    #: raises ValueError/KeyError/TypeError naming what a user-supplied row lacks (checked on load)
+    check_row: Callable[[dict], None] | None = None
 
 
 def data_path(*parts: str) -> Path:
@@ -49,19 +50,32 @@ def data_path(*parts: str) -> Path:
     return Path(str(resources.files("essa").joinpath("data", *parts)))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl_records(path: str | Path):
+    """(line number, record) of every non-blank line; one-line errors for a missing file, bytes that are
+    not UTF-8, and lines that are not JSON objects."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise EssaError(f"data file {path} does not exist; pass an existing .jsonl file or an HF dataset id")
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise EssaError(f"{path}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
-    return rows
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise EssaError(f"{path}:{line} is not UTF-8 text (byte {e.object[e.start]:#x}); save the file as UTF-8") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EssaError(f"{path}:{i} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(rec, dict):
+            raise EssaError(f"{path}:{i} is a JSON {type(rec).__name__}, not an object; each line must be one "
+                            f"{{\"prompt\": ...}} object")
+        yield i, rec
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [rec for _, rec in read_jsonl_records(path)]
 
 
 def seeded_split(rows: list, sizes: list[int], seed: int) -> list[list]:
@@ -77,17 +91,25 @@ def seeded_split(rows: list, sizes: list[int], seed: int) -> list[list]:
     return out
 
 
-def load_rows(task: Task, source: str | None = None, split: str | None = None, limit: int | None = None) -> list[dict]:
-    """Rows of a task: a built-in split name, a local .jsonl file, or an HF dataset id (``id[:split]``)."""
+def load_rows(task: Task, source: str | None = None, split: str | None = None, limit: int | None = None,
+              task_columns: bool = True) -> list[dict]:
+    """Rows of a task: a built-in split name, a local .jsonl file, or an HF dataset id (``id[:split]``).
+
+    User-supplied rows are checked as they load (a non-empty ``prompt``; with ``task_columns`` also the
+    columns the task's reward and evaluation read): the first bad row is one line naming it."""
     if source is None or source in task.splits:
         name = source or split or task.test_split
         if name not in task.splits:
             raise EssaError(f"task {task.name!r} has no split {name!r}; use one of: {', '.join(task.splits)}")
         rows = task.splits[name]()
     elif source.endswith(".jsonl") or Path(source).exists():
-        rows = [_row(task, r) for r in read_jsonl(source)]
+        rows = [_row(task, r, f"{source}:{i}", task_columns) for i, r in read_jsonl_records(source)]
+        if not rows:
+            raise EssaError(f"data file {source} holds no rows; add one JSON object per line")
     else:
-        rows = [_row(task, r) for r in _load_hf(source, split)]
+        rows = [_row(task, r, f"{source} row {i}", task_columns) for i, r in enumerate(_load_hf(source, split), 1)]
+        if not rows:
+            raise EssaError(f"dataset {source} holds no rows; pass a dataset (or split) with rows")
     return rows[:limit] if limit else rows
 
 
@@ -107,12 +129,28 @@ def split_rl_data(task: Task, train_data: str | None, val_size: int, seed: int) 
     return val_rows, train_rows
 
 
-def _row(task: Task, record: dict) -> dict:
-    if task.to_row is not None and "prompt" not in record:
-        return task.to_row(record)
-    if "prompt" not in record:
-        raise EssaError(f"record {sorted(record)} has no 'prompt' field; add one or use the task's own format")
-    return record
+def _row(task: Task, record: dict, where: str, task_columns: bool = True) -> dict:
+    """A user-supplied record as a row of the task, checked: one line naming the row and what it lacks."""
+    try:
+        row = task.to_row(record) if task.to_row is not None and "prompt" not in record else record
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError("no 'prompt' (a non-empty string)" + ("" if "prompt" in record else
+                             f"; its fields are {sorted(record)}"))
+        if task_columns and task.check_row is not None:
+            task.check_row(row)
+    except EssaError as e:
+        raise EssaError(f"{where}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"no {e.args[0]!r} field" if isinstance(e, KeyError) else str(e)
+        raise EssaError(f"{where}: {what} (a {task.name} row needs {TASK_COLUMNS.get(task.name, 'prompt')}); fix or "
+                        f"remove that row") from None
+    return row
+
+
+#: the columns a user-supplied row of each task needs (for error messages)
+TASK_COLUMNS = {"gsm8k": "prompt (or question) and a numeric answer",
+                "math": "prompt (or problem) and an answer (or a solution with \\boxed{})",
+                "ifeval": "prompt, instruction_id_list and kwargs", "prompts": "prompt"}
 
 
 def _load_hf(dataset_id: str, split: str | None):

@@ -217,6 +217,18 @@ def check_row(row: dict, response: str, mode: str = "strict") -> list[bool]:
     return _check(insts, _text(response), mode)
 
 
+def check_ifeval_row(row: dict):
+    """Raise naming what a user-supplied IFEval row lacks (instructions the registry can build)."""
+    if "instruction_id_list" not in row:
+        raise KeyError("instruction_id_list")
+    ids = row["instruction_id_list"]
+    if isinstance(ids, str):
+        ids = json.loads(ids)
+    if not isinstance(ids, list):
+        raise TypeError(f"instruction_id_list must be a list of instruction ids, got {ids!r}")
+    build_instructions(ids, row.get("kwargs"), row["prompt"])
+
+
 def _check(insts, response, mode):
     if mode == "strict":
         return check_strict(insts, response)
@@ -340,8 +352,7 @@ def ifeval_rows(split: str) -> list[dict]:
 IFEVAL = Task(
     name="ifeval", splits={s: (lambda s=s: ifeval_rows(s)) for s in ("train", "test", "sft", "rl")},
     reward=ifeval_reward, system_prompt=IFEVAL_SYSTEM_PROMPT, rl_split="rl", sft_split="sft", test_split="test",
-    evaluate=ifeval_evaluate, sft_target=None,
-    extra={"reward_factory": make_ifeval_reward, "sft_response_column": "response"})
+    evaluate=ifeval_evaluate, sft_target=None, check_row=check_ifeval_row)
 
 __all__ = ["IFEVAL", "ifeval_evaluate", "ifeval_reward", "ifeval_reward_loose", "make_ifeval_reward", "check_row", "build_instructions",
            "checkers", "instruction_ids", "loose_variants", "nltk_data_dir", "use_bundled_nltk_data", "ifeval_rows"]

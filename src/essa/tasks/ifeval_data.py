@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -291,21 +290,7 @@ def rejection_sample(rows: list[dict], generate: Callable[[list[str], int], list
 
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Write rows as JSON Lines, atomically (a temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write rows as JSON Lines, atomically (essa.files.write_jsonl_atomic)."""
+    from essa.files import write_jsonl_atomic
+
+    return write_jsonl_atomic(rows, path)

@@ -160,6 +160,20 @@ def math_reward(prompts, completions, answer, **_) -> list[float]:
     return out
 
 
+def check_gsm8k_row(row: dict):
+    if "answer" not in row:
+        raise KeyError("answer")
+    try:
+        float(str(row["answer"]).replace(",", ""))
+    except ValueError:
+        raise ValueError(f"answer {row['answer']!r} is not a number") from None
+
+
+def check_math_row(row: dict):
+    if not str(row.get("answer") or "").strip():
+        raise ValueError("no answer (an 'answer' field, or a 'solution' ending in \\boxed{...})")
+
+
 def accuracy_with(reward):
     def evaluate(rows: list[dict], completions: list[str]) -> dict:
         cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
@@ -179,11 +193,11 @@ def math_target(row: dict) -> str:
 GSM8K = Task(
     name="gsm8k", splits={s: (lambda s=s: gsm8k_rows(s)) for s in ("train", "test", "sft", "rl")},
     reward=gsm8k_reward, system_prompt=MATH_SYSTEM_PROMPT, rl_split="rl", sft_split="sft", test_split="test",
-    evaluate=accuracy_with(gsm8k_reward), sft_target=gsm8k_target,
+    evaluate=accuracy_with(gsm8k_reward), sft_target=gsm8k_target, check_row=check_gsm8k_row,
     to_row=lambda r: gsm8k_example(r).row() if "question" in r else r)
 
 MATH = Task(
     name="math", splits={s: (lambda s=s: math_rows(s)) for s in ("train", "test", "sft", "rl")},
     reward=math_reward, system_prompt=MATH_SYSTEM_PROMPT, rl_split="rl", sft_split="sft", test_split="test",
-    evaluate=accuracy_with(math_reward), sft_target=math_target,
+    evaluate=accuracy_with(math_reward), sft_target=math_target, check_row=check_math_row,
     to_row=lambda r: math_example(r).row() if ("problem" in r or "question" in r) else r)
