@@ -44,11 +44,13 @@ def main(argv=None):
     import torch
     import transformers
 
-    from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+    from essa.chat import chat_prompts
+    from essa.engine import PopulationEngine
     from essa.evaluate import resolve_system_prompt
     from essa.explore import DEFAULT_TARGET_KL, MovementProbe, calibrate_sigma, kl_and_agreement
     from essa.genome import load_genome
     from essa.models import load_model
+    from essa.sampling import SamplingConfig
     from essa.tasks import get_task, split_rl_data
 
     if args.threads:

@@ -57,9 +57,11 @@ def main():
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+    from essa.chat import chat_prompts
+    from essa.engine import PopulationEngine
     from essa.genome import load_genome
     from essa.models import load_model
+    from essa.sampling import SamplingConfig
     from essa.tasks import MATH_SYSTEM_PROMPT, get_task, load_rows
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -68,11 +68,13 @@ def main():
     import peft
     import transformers
 
-    from essa.engine import GenerationStats, PopulationEngine, SamplingConfig, chat_prompts
+    from essa.chat import chat_prompts
+    from essa.engine import GenerationStats, PopulationEngine
     from essa.evaluate import generate_and_score
     from essa.genome import load_genome
     from essa.models import load_model, quantize_model
     from essa.quant import model_memory_bytes
+    from essa.sampling import SamplingConfig
     from essa.tasks import get_task, load_rows
 
     task = get_task("gsm8k")

@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from essa.chat import chat_prompts
 from essa.config import from_dict
-from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+from essa.engine import PopulationEngine
 from essa.explore import MovementProbe, calibrate_sigma
 from essa.genome import export_adapter, factors, load_genome
 from essa.models import load_model, tiny_llama
+from essa.sampling import SamplingConfig
 from essa.trainer import TrainConfig, train
 from helpers import random_adapter
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from essa import EssaError
-from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+from essa.chat import chat_prompts
+from essa.engine import PopulationEngine
 from essa.fast_decode import FastDecoder, unsupported_reason
 from essa.genome import load_genome
 from essa.models import load_model
+from essa.sampling import SamplingConfig
 from helpers import random_adapter
 
 PROMPTS = ["What is 2+2?", "Name a color.", "Write a long poem about the sea and the sky, please."]

@@ -89,7 +89,7 @@ def test_grpo_trains_validates_and_exports(setup, tmp_path):
     task = get_task("gsm8k")
     test_rows = load_rows(task, task.test_split, limit=2)
     engine = build_engine(model, str(sft), device="cpu")
-    from essa.engine import SamplingConfig
+    from essa.sampling import SamplingConfig
 
     ((_, comps),) = generate_and_score(engine, task, test_rows, None, SamplingConfig(max_new_tokens=6), task.system_prompt)
     logged = [json.loads(x)["completion"] for x in (out / "test-sft.jsonl").read_text().splitlines()]

@@ -81,7 +81,9 @@ def test_real_model_resolves_offline_and_chats(real_model_name):
     assert str(cache_dir()) in path
     model, tok = load_model(real_model_name, device="cpu", dtype="float32")
     assert model.config.num_hidden_layers == 30 and tok.pad_token is not None and tok.padding_side == "left"
-    from essa.engine import PopulationEngine, SamplingConfig, chat_prompts
+    from essa.chat import chat_prompts
+    from essa.engine import PopulationEngine
+    from essa.sampling import SamplingConfig
 
     engine = PopulationEngine(model, tok)
     (reply,), = engine.generate(chat_prompts(tok, ["What is 2+3? Answer with a number."]), None,

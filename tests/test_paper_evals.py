@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from essa.cli import main
-from essa.engine import Completion
 from essa.evaluate import pass_at_k, sampled_metrics
+from essa.stopping import Completion
 from essa.tasks import data_path, get_task, load_rows, read_jsonl
 from essa.tasks.math import extract_number, gsm8k_example, gsm8k_reward, math_reward
 from helpers import random_adapter

@@ -17,10 +17,12 @@ from peft import LoraConfig, get_peft_model
 pytest.importorskip("torchao", reason="quantization needs torchao (pip install --no-deps torchao)")
 
 from essa import EssaError  # noqa: E402
-from essa.engine import PopulationEngine, SamplingConfig, chat_prompts  # noqa: E402
+from essa.chat import chat_prompts  # noqa: E402
+from essa.engine import PopulationEngine
 from essa.genome import export_adapter, load_genome, singular_values  # noqa: E402
 from essa.models import load_model, quantize_model  # noqa: E402
 from essa.quant import QuantizedLinear, is_quantized, model_memory_bytes, quantize_base_weights  # noqa: E402
+from essa.sampling import SamplingConfig
 from essa.tasks import data_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

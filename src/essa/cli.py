@@ -115,8 +115,9 @@ def cmd_data_ifeval_like(args):
         raise EssaError(f"--out {out} exists; choose another file or pass --overwrite to replace it")
     rows = make_ifeval_like(args.n, args.seed)
     if args.responses:
-        from essa.engine import SamplingConfig, chat_prompts
+        from essa.chat import chat_prompts
         from essa.evaluate import build_engine
+        from essa.sampling import SamplingConfig
 
         engine = build_engine(args.model, None)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95,

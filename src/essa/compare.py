@@ -272,12 +272,12 @@ def _sft_info(own: dict, adapter: str) -> dict:
 def run_compare(data: dict, budget_minutes: float | None = None) -> dict:
     """Run both methods for the same budget and write comparison.json and comparison.png."""
     from essa.config import to_dict
-    from essa.grpo import _import_trl, run_grpo
+    from essa.grpo import import_trl, run_grpo
     from essa.models import pick_device
     from essa.trainer import train
 
     own, essa_cfg, grpo_cfg = build_configs(data, budget_minutes)
-    _import_trl()  # fail before the ESSA half runs, not after
+    import_trl()  # fail before the ESSA half runs, not after
     adapter = Path(essa_cfg.adapter)
     if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
         raise EssaError(f"{adapter} is not a PEFT adapter folder (need adapter_config.json and "

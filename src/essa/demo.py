@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from essa.engine import SamplingConfig
+from essa.sampling import SamplingConfig
 
 
 def run_demo(fast: bool = False, out: str = "runs/demo") -> dict:  # noqa: C901

@@ -22,44 +22,18 @@ numbers: less noise when candidates are compared).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from essa import EssaError
 from essa.genome import Genome, singular_values
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are decoded."""
-
-    max_new_tokens: int = field(default=256, metadata={"help": "maximum tokens generated per completion"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples from softmax(logits / T)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest token set with this much probability"})
-    num_samples: int = field(default=1, metadata={"help": "completions per (candidate, prompt), for avg@k / pass@k"})
-    seed: int = field(default=0, metadata={"help": "seed of the counter-based sampler"})
-    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings: generation ends after any of them (they are cut from the text)"})
-
-    def validate(self):
-        if self.max_new_tokens < 1 or self.num_samples < 1:
-            raise EssaError(f"generation needs max_new_tokens >= 1 and num_samples >= 1 (got {self.max_new_tokens}, "
-                            f"{self.num_samples})")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise EssaError(f"generation.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise EssaError(f"generation.top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  #: "eos", "stop" (a stop string) or "length"
+from essa.models import is_oom
+from essa.population_lora import LORA_DTYPE, install_population_lora
+from essa.sampling import SamplingConfig, left_pad, row_keys, sample_tokens
+from essa.stopping import Completion, EndTracker
 
 
 @dataclass
@@ -73,79 +47,7 @@ class GenerationStats:
     oom_retries: int = 0
 
 
-# --------------------------------------------------------------------------------- per-row LoRA layer
-
-#: dtype of the r-dimensional LoRA path (per-row singular values, the r×r mixing): always fp32, so a
-#: small offset is never rounded away (bf16 spacing near 0.58 is 0.0039: ~15 % of N(0, 0.01) offsets
-#: would vanish) and the candidate evaluated is exactly the adapter exported.
-LORA_DTYPE = torch.float32
-
-
-class PopulationLoRA(nn.Module):
-    """A frozen base projection plus the genome's LoRA path with per-row singular values.
-
-    The projections in→r (Vh_A) and r→out (U_B) run in the base layer's dtype; the r-dimensional
-    middle (⊙ s_A, M, ⊙ s_B) in fp32 (``LORA_DTYPE``).
-    """
-
-    def __init__(self, base: nn.Module, Vh_A: torch.Tensor, M: torch.Tensor, U_B: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("Vh_A_t", Vh_A.t().contiguous(), persistent=False)  # [in, r]
-        self.register_buffer("M", M.to(LORA_DTYPE).contiguous(), persistent=False)  # [r, r] = U_Aᵀ Vh_Bᵀ
-        self.register_buffer("U_B_t", U_B.t().contiguous(), persistent=False)    # [r, out], scaling folded in
-        self.s_A: torch.Tensor | None = None  # [rows, 1, r] fp32 for the current batch (None: LoRA path off)
-        self.s_B: torch.Tensor | None = None
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.s_A is None:
-            return y
-        h = (x.to(self.Vh_A_t.dtype) @ self.Vh_A_t).to(LORA_DTYPE) * self.s_A
-        h = (h @ self.M) * self.s_B
-        return y + (h.to(self.U_B_t.dtype) @ self.U_B_t).to(y.dtype)
-
-
-def install_population_lora(model: nn.Module, genome: Genome, dtype: torch.dtype | None = None) -> list[PopulationLoRA]:
-    """Wrap every module the genome adapts (in place); returns the wrappers in genome order."""
-    wrappers = []
-    for i, name in enumerate(genome.modules):
-        try:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
-        except AttributeError:
-            raise EssaError(f"the adapter adapts {name!r}, which the model does not have; "
-                            f"was the adapter trained for another model?") from None
-        if isinstance(base, PopulationLoRA):
-            base = base.base
-        weight = getattr(base, "weight", None)
-        dev = weight.device if weight is not None else next(model.parameters()).device
-        dt = dtype or getattr(base, "essa_output_dtype", None) or (
-            weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
-        M = genome.U_A[i].t() @ genome.Vh_B[i].t()
-        wrapper = PopulationLoRA(base, genome.Vh_A[i].to(dev, dt), M.to(dev, dt),
-                                 (genome.U_B[i] * genome.scaling).to(dev, dt))
-        setattr(parent, child, wrapper)
-        wrappers.append(wrapper)
-    return wrappers
-
-
 # --------------------------------------------------------------------------------- the engine
-
-def chat_prompts(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
-    """Token ids of each user prompt wrapped in the chat template, ready for generation."""
-    out = []
-    for p in prompts:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": p}]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = (system_prompt + "\n\n" if system_prompt else "") + p
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return out
-
 
 def check_context(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, what: str):
     """One line naming the first prompt that, with ``max_new_tokens``, does not fit the model's context."""
@@ -156,41 +58,6 @@ def check_context(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
         if len(ids) + max_new_tokens > limit:
             raise EssaError(f"{what} prompt {i + 1} is {len(ids)} tokens: with max_new_tokens {max_new_tokens} it exceeds "
                             f"the model's context of {limit} tokens; shorten or drop that row, or lower max_new_tokens")
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A splitmix64-style integer hash on int64 tensors (wrapping arithmetic)."""
-    x = x * -7046029254386353131  # 0x9E3779B97F4A7C15 as signed int64
-    x = (x ^ (x >> 30)) * -4658895280553007687
-    x = (x ^ (x >> 27)) * -7723592293110705685
-    return x ^ (x >> 31)
-
-
-def _uniform(seed: int, keys: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform in [0, 1) per row from (seed, row key, step); float64."""
-    x = _mix(_mix(keys * 1_000_003 + step) + seed)
-    return (x & ((1 << 53) - 1)).double() / float(1 << 53)
-
-
-def _sample(logits: torch.Tensor, cfg: SamplingConfig, keys: torch.Tensor, step: int) -> torch.Tensor:
-    if cfg.temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1).double()
-    u = _uniform(cfg.seed, keys, step).to(probs.device).unsqueeze(-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        cum = sorted_p.cumsum(-1)
-        sorted_p = sorted_p.masked_fill(cum - sorted_p >= cfg.top_p, 0.0)
-        cum = sorted_p.cumsum(-1)
-        idx = torch.searchsorted(cum, u * cum[:, -1:]).clamp_max(probs.shape[-1] - 1)
-        return order.gather(-1, idx).squeeze(-1)
-    cum = probs.cumsum(-1)
-    return torch.searchsorted(cum, u * cum[:, -1:]).clamp_max(probs.shape[-1] - 1).squeeze(-1)
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e).lower()))
 
 
 class PopulationEngine:
@@ -317,7 +184,7 @@ class PopulationEngine:
                     results = self._decode([(k, p, s) for _, k, p, s in chunk], prompt_ids, s_A, s_B, cfg)
                     break
                 except Exception as e:  # noqa: BLE001 - only OOM is handled, everything else re-raised
-                    if not _is_oom(e):
+                    if not is_oom(e):
                         raise
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -380,57 +247,33 @@ class PopulationEngine:
         """The hot loop: prefill the chunk, then one forward per new token until every row ended."""
         from transformers import DynamicCache
 
+        dev, N = self.device, len(chunk)
+        tracker = EndTracker(self.tokenizer, self.eos_ids, cfg.stop, N)
         if self._fast is not None and self._fast.can_run(max(len(prompt_ids[p]) for _, p, _ in chunk)
                                                          + cfg.max_new_tokens):
-            return self._fast.decode(self, chunk, prompt_ids, s_A, s_B, cfg)
-        dev, N = self.device, len(chunk)
-        lens = [len(prompt_ids[p]) for _, p, _ in chunk]
-        T = max(lens)
-        ids = torch.full((N, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((N, T), dtype=torch.long)
-        for i, (_, p, _) in enumerate(chunk):  # left padding
-            ids[i, T - lens[i]:] = torch.as_tensor(prompt_ids[p], dtype=torch.long)
-            mask[i, T - lens[i]:] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        keys = torch.tensor([p * cfg.num_samples + s for _, p, s in chunk], dtype=torch.long)
+            self._fast.decode(chunk, prompt_ids, s_A, s_B, cfg, tracker, self.pad_id, self.stats)
+            return self._finish(tracker)
+        ids, mask = left_pad([prompt_ids[p] for _, p, _ in chunk], self.pad_id)
+        ids, mask = ids.to(dev), mask.long().to(dev)
+        keys = row_keys(chunk, cfg.num_samples)
         cand = torch.tensor([k for k, _, _ in chunk], dtype=torch.long)
         if s_A is not None:
             self._set_rows(s_A[cand.to(dev)], s_B[cand.to(dev)])
         else:
             self._set_rows(None, None)
-        self.stats.prompt_tokens += sum(lens)
+        self.stats.prompt_tokens += int(mask.sum())
 
         alive = torch.arange(N)                 # original row index of each batch row
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=dev)
-        generated: list[list[int]] = [[] for _ in range(N)]
-        finish = ["length"] * N
-        finished = [False] * N
         cache = DynamicCache()
         position = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         next_pos = position[:, -1:] + 1
-        stop_strings = cfg.stop
-        max_stop_tokens = 0
-        if stop_strings:
-            max_stop_tokens = max(len(self.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings) + 2
         try:
             for step in range(cfg.max_new_tokens):
-                logits = out.logits[:, -1, :]
-                tok = _sample(logits, cfg, keys[alive], step)
-                tok_cpu = tok.tolist()
-                ended = torch.isin(tok, eos).tolist()
-                keep = []
-                for j, (row, t) in enumerate(zip(alive.tolist(), tok_cpu)):
-                    if finished[row]:
-                        continue  # ended earlier, waiting to be dropped from the batch
-                    generated[row].append(t)
-                    if ended[j]:
-                        finish[row], finished[row] = "eos", True
-                    elif stop_strings and self._hit_stop(generated[row], stop_strings, max_stop_tokens):
-                        finish[row], finished[row] = "stop", True
-                    else:
-                        keep.append(j)
+                tok = sample_tokens(out.logits[:, -1, :], cfg, keys[alive], step)
+                keep = [j for j, (row, t) in enumerate(zip(alive.tolist(), tok.tolist()))
+                        if not tracker.finished[row] and not tracker.push(row, t)]
                 self.stats.slot_tokens += len(alive)
                 if not keep or step == cfg.max_new_tokens - 1:
                     break
@@ -449,19 +292,8 @@ class PopulationEngine:
                 next_pos = next_pos + 1
         finally:
             self._set_rows(None, None)
-        return self._completions(generated, finish, stop_strings)
+        return self._finish(tracker)
 
-    def _completions(self, generated: list[list[int]], finish: list[str], stop_strings: list[str]) -> list[Completion]:
-        results = []
-        for toks, reason in zip(generated, finish):
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            if reason == "stop":
-                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-                text = text[:cut] if cut >= 0 else text
-            self.stats.useful_tokens += len(toks)
-            results.append(Completion(text=text, token_ids=toks, finish_reason=reason))
-        return results
-
-    def _hit_stop(self, toks: list[int], stops: list[str], window: int) -> bool:
-        tail = self.tokenizer.decode(toks[-window:], skip_special_tokens=True)
-        return any(s in tail for s in stops)
+    def _finish(self, tracker: EndTracker) -> list[Completion]:
+        self.stats.useful_tokens += sum(len(t) for t in tracker.generated)
+        return tracker.completions()

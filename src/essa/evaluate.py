@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from essa import EssaError
+from essa.chat import chat_prompts
 from essa.config import help_field
-from essa.engine import PopulationEngine, SamplingConfig, chat_prompts, check_context
+from essa.engine import PopulationEngine, check_context
 from essa.files import write_jsonl_atomic
 from essa.rewards import safe_rewards
+from essa.sampling import SamplingConfig
 from essa.tasks import Task, get_task, load_rows
 
 

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from essa import EssaError
-from essa.engine import PopulationEngine, SamplingConfig
+from essa.engine import PopulationEngine
 
 #: Default calibration target, nats per token (see README, "Choices where the paper is silent").
+from essa.sampling import SamplingConfig
+
 DEFAULT_TARGET_KL = 2e-3
 
 

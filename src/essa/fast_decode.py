@@ -32,7 +32,7 @@ runs the same network from the same weights with a fixed-shape step instead:
 * **CUDA graphs**: on CUDA the decode step (embedding → layers → norm → lm_head into a static logits
   buffer) is captured once per *attention-length bucket* (multiples of ``kv_bucket`` slots: attention
   reads only the filled part of the cache, rounded up) after a warm-up on a side stream, and replayed
-  per step. Sampling (the engine's counter-based ``_sample``) and EOS/stop bookkeeping run outside the
+  per step. Sampling (``essa.sampling.sample_tokens``) and EOS/stop bookkeeping run outside the
   graph; generated tokens stay in a device buffer [N, max_new] and are copied to the host every
   ``check_every`` steps asynchronously (pinned memory + event) and read one check later, after the
   next step is launched: the host never waits on the GPU. A capture failure warns and decodes eagerly.
@@ -64,6 +64,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from essa import EssaError
+from essa.models import is_oom
+from essa.population_lora import PopulationLoRA
+from essa.sampling import left_pad, row_keys, sample_tokens
+from essa.stopping import EndTracker
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
@@ -156,7 +160,6 @@ class _Group:
     """Projections that share one input (q/k/v, o, gate/up, down), with their per-row LoRA path."""
 
     def __init__(self, modules: list[nn.Module], wrapper_index: dict[int, int], lora_mix: str):
-        from essa.engine import PopulationLoRA
 
         self.modules = modules
         self.bases = [m.base if isinstance(m, PopulationLoRA) else m for m in modules]
@@ -170,7 +173,7 @@ class _Group:
         if self.wrapped:
             ws = [modules[j] for j in self.wrapped]
             self.r = ws[0].M.shape[0]
-            self.lora_dtype = ws[0].M.dtype          # fp32: the r-dimensional path (engine.LORA_DTYPE)
+            self.lora_dtype = ws[0].M.dtype          # fp32: the r-dimensional path (essa.population_lora.LORA_DTYPE)
             self.io_dtype = ws[0].Vh_A_t.dtype       # in→r and r→out projections: the base's dtype
             self.Vh = torch.cat([w.Vh_A_t for w in ws], dim=1)                      # [in, G·r]
             self.M_stack = torch.stack([w.M for w in ws])                           # [G, r, r]
@@ -463,8 +466,7 @@ class FastDecoder:
             try:
                 entry = self._capture(sess, kv_len)
             except Exception as e:  # noqa: BLE001 - any capture failure: run eagerly from now on
-                from essa.engine import _is_oom
-                if _is_oom(e):
+                if is_oom(e):
                     raise
                 warnings.warn(f"essa fast decode: CUDA graph capture failed ({type(e).__name__}: {e}); "
                               f"decoding without graphs", RuntimeWarning, stacklevel=2)
@@ -516,14 +518,15 @@ class FastDecoder:
         return all(w is None or total_len <= w for w in self.windows)
 
     # ---- the decode loop (the engine's _decode contract)
-    def decode(self, engine, chunk, prompt_ids, s_A, s_B, cfg):
-        """Completions of the chunk's (candidate, prompt, sample) rows, exactly as the HF path's rules."""
+    def decode(self, chunk, prompt_ids, s_A, s_B, cfg, tracker: EndTracker, pad_id: int, stats):
+        """Decode the chunk's (candidate, prompt, sample) rows into ``tracker`` (the engine's end rules);
+        ``stats`` (the engine's GenerationStats) counts prompt and slot tokens."""
         lens = [len(prompt_ids[p]) for _, p, _ in chunk]
         T = max(lens)
         self.refresh()
         try:
             sess = self._get_session(len(chunk), T + max(cfg.max_new_tokens - 1, 1))
-            return self._decode(engine, sess, chunk, prompt_ids, lens, T, s_A, s_B, cfg)
+            self._decode(sess, chunk, prompt_ids, lens, T, s_A, s_B, cfg, tracker, pad_id, stats)
         except Exception:
             self._session = None  # buffers may be half-written; an OOM must free everything
             raise
@@ -531,18 +534,12 @@ class FastDecoder:
             for g in self.lora_groups:
                 g.sA = g.sB = None
 
-    def _decode(self, engine, sess: _Session, chunk, prompt_ids, lens, T, s_A, s_B, cfg):
-        from essa.engine import _sample
-
+    def _decode(self, sess: _Session, chunk, prompt_ids, lens, T, s_A, s_B, cfg, tracker: EndTracker, pad_id: int, stats):
         dev, N, max_new = self.device, len(chunk), cfg.max_new_tokens
         on_cuda = dev.type == "cuda"
-        ids = torch.full((N, T), engine.pad_id, dtype=torch.long)
-        valid = torch.zeros((N, T), dtype=torch.bool)
-        for i, (_, p, _) in enumerate(chunk):  # left padding
-            ids[i, T - lens[i]:] = torch.as_tensor(prompt_ids[p], dtype=torch.long)
-            valid[i, T - lens[i]:] = True
+        ids, valid = left_pad([prompt_ids[p] for _, p, _ in chunk], pad_id)
         ids, valid = ids.to(dev), valid.to(dev)
-        keys = torch.tensor([p * cfg.num_samples + s for _, p, s in chunk], dtype=torch.long, device=dev)
+        keys = row_keys(chunk, cfg.num_samples).to(dev)
         sess.bind(self)
         if self.lora_groups:
             if s_A is None:
@@ -553,7 +550,7 @@ class FastDecoder:
                 a, b = sess.s[id(g)]
                 a.copy_(rA[:, g.genome_idx].reshape(N, 1, -1))
                 b.copy_(rB[:, g.genome_idx].reshape(N, 1, -1))
-        engine.stats.prompt_tokens += sum(lens)
+        stats.prompt_tokens += sum(lens)
         sess.key_valid.fill_(True)
         sess.key_valid[:, :T] = valid
         if not sess.fresh and sess.T_alloc > T:  # stale slots of an earlier micro-batch: masked, but 0·NaN = NaN
@@ -570,8 +567,7 @@ class FastDecoder:
         del x, cos, sin, mask, ids
         sess.pos.copy_(position[:, -1:] + 1)
 
-        tracker = _Tracker(engine, N, cfg.stop)
-        gen = torch.full((N + 1, max_new), engine.pad_id, dtype=torch.long, device=dev)  # row N: filler rows
+        gen = torch.full((N + 1, max_new), pad_id, dtype=torch.long, device=dev)  # row N: filler rows
         rows = list(range(N))             # original row of each session row (N: a filler row)
         rows_dev = None                   # the same on the device (None: identity)
         pending = None                    # (pinned host copy, event) of tokens not yet read
@@ -584,12 +580,12 @@ class FastDecoder:
                 tracker.feed(chunk[0][:N].tolist())
 
         for step in range(max_new):
-            tok = _sample(logits, cfg, keys, step)
+            tok = sample_tokens(logits, cfg, keys, step)
             if rows_dev is None:
                 gen[:N, step] = tok
             else:
                 gen[:, step].index_copy_(0, rows_dev, tok)
-            engine.stats.slot_tokens += sess.N
+            stats.slot_tokens += sess.N
             last = step == max_new - 1
             to_feed = None
             if (step + 1) % self.check_every == 0 or last:
@@ -622,10 +618,9 @@ class FastDecoder:
             logits = self._run_step(sess, self._kv_len(cur, sess.T_alloc))
             feed(to_feed)  # host bookkeeping while the GPU runs the step just launched
         feed(pending)
-        return engine._completions(tracker.generated, tracker.finish, cfg.stop)
 
     # ---- compaction (row pruning with static shapes)
-    def _compact_to(self, sess: _Session, rows: list[int], tracker: "_Tracker") -> int | None:
+    def _compact_to(self, sess: _Session, rows: list[int], tracker: EndTracker) -> int | None:
         """New row count when enough rows ended, else None. Eager (CPU): the live rows, as soon as a
         quarter of the batch ended (the HF path's rule). Graphs: N_root / 2^k (few shapes, so their graphs
         are reused by later micro-batches), not below ``min_graph_rows`` (small steps are launch-bound)."""
@@ -639,7 +634,7 @@ class FastDecoder:
             n //= 2
         return n if n < sess.N else None
 
-    def _compact(self, sess: _Session, rows: list[int], tracker: "_Tracker", n: int):
+    def _compact(self, sess: _Session, rows: list[int], tracker: EndTracker, n: int):
         """Move the live rows to the front of the cache (in place) and switch to the n-row session."""
         keep = [i for i, r in enumerate(rows) if r < len(tracker.finished) and not tracker.finished[r]]
         idx = keep + list(range(len(keep), n))          # filler rows: whatever is there (finite)
@@ -658,42 +653,6 @@ class FastDecoder:
         N = len(tracker.finished)
         new_rows = [rows[k] for k in keep] + [N] * (n - len(keep))
         return new, new_rows, idx
-
-
-class _Tracker:
-    """The HF path's per-token end-of-completion rules, fed a block of steps at a time."""
-
-    def __init__(self, engine, N: int, stops: list[str]):
-        self.engine, self.stops = engine, stops
-        self.eos = set(engine.eos_ids)
-        self.generated: list[list[int]] = [[] for _ in range(N)]
-        self.finish = ["length"] * N
-        self.finished = [False] * N
-        self.left = N
-        self.window = 0
-        if stops:
-            self.window = max(len(engine.tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops) + 2
-
-    @property
-    def all_done(self) -> bool:
-        return self.left == 0
-
-    def feed(self, rows: list[list[int]]):
-        for r, toks in enumerate(rows):
-            if self.finished[r]:
-                continue
-            out = self.generated[r]
-            for t in toks:
-                out.append(t)
-                if t in self.eos:
-                    self.finish[r] = "eos"
-                elif self.stops and self.engine._hit_stop(out, self.stops, self.window):
-                    self.finish[r] = "stop"
-                else:
-                    continue
-                self.finished[r] = True
-                self.left -= 1
-                break
 
 
 def _pick_attention(device: torch.device) -> str:

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from essa import EssaError
+from essa.chat import chat_messages
 from essa.config import help_field, to_dict
-from essa.engine import SamplingConfig
 from essa.files import install_dir, temp_dir_beside
+from essa.sampling import SamplingConfig
 from essa.trainer import RunConfig
 
 #: optimizer steps per rollout batch in the paper: global batch 512 / mini batch 64
@@ -189,7 +190,7 @@ class Validator:
     """
 
     def __init__(self, cfg: GRPORunConfig, task, system_prompt):
-        from essa.engine import chat_prompts
+        from essa.chat import chat_prompts
         from essa.models import load_model, quantize_model
 
         self.cfg, self.task, self.system_prompt = cfg, task, system_prompt
@@ -251,7 +252,7 @@ def _grpo_args(cfg: GRPORunConfig, run_dir: Path, use_bf16: bool, on_cpu: bool):
         raise EssaError(f"invalid GRPO settings: {str(e).splitlines()[0]}") from None
 
 
-def _import_trl():
+def import_trl():
     try:
         import trl  # noqa: F401
         from trl import GRPOTrainer
@@ -280,7 +281,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from essa.models import check_adapter_folder, load_model
     from essa.trainer import load_test_rows, resolve_val_metric, task_setup
 
-    GRPOTrainer = _import_trl()
+    GRPOTrainer = import_trl()
     import trl
     from datasets import Dataset
 
@@ -302,8 +303,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
         print("essa grpo: generation.stop applies to validation/test only; TRL rollouts end at EOS or max_new_tokens")
 
     def messages(prompt: str) -> list[dict]:
-        return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}]
+        return chat_messages(prompt, system_prompt)
 
     dataset = Dataset.from_list([{"prompt": messages(r["prompt"]), "essa_row": i} for i, r in enumerate(train_rows)])
     reward = EssaReward(reward_fn, train_rows)

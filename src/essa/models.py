@@ -109,6 +109,12 @@ def _resolve_alias(name: str) -> Path:
     return out
 
 
+def is_oom(e: BaseException) -> bool:
+    """Whether an exception is an out-of-memory error (CUDA, or a failed CPU allocation)."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e).lower()))
+
+
 def check_device(device: str):
     """One line for a device string torch would not accept."""
     import re

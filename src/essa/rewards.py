@@ -62,6 +62,7 @@ def reward_model_reward(model: str, device: str = "auto", batch_size: int = 16, 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from essa.chat import chat_messages
     from essa.models import pick_device, pick_dtype, resolve_model
 
     if batch_size < 1:
@@ -92,9 +93,7 @@ def reward_model_reward(model: str, device: str = "auto", batch_size: int = 16, 
         if use_template:
             texts = []
             for p, c in zip(prompts, completions):
-                messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-                    {"role": "user", "content": p}, {"role": "assistant", "content": c}]
-                texts.append(tok.apply_chat_template(messages, tokenize=False))
+                texts.append(tok.apply_chat_template(chat_messages(p, system_prompt, c), tokenize=False))
             return tok(texts, add_special_tokens=False, padding=True, truncation=True, max_length=limit,
                        return_tensors="pt")
         first = [f"{system_prompt}\n\n{p}" if system_prompt else p for p in prompts]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from essa import EssaError, __version__
+from essa.chat import chat_messages
 from essa.files import install_dir, temp_dir_beside
 
 IGNORE_INDEX = -100
@@ -106,11 +107,7 @@ class SFTConfig:
 # ---------------------------------------------------------------------------- data
 
 def build_messages(prompt: str, response: str | None, system_prompt: str | None) -> list[dict]:
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-    msgs.append({"role": "user", "content": prompt})
-    if response is not None:
-        msgs.append({"role": "assistant", "content": response})
-    return msgs
+    return chat_messages(prompt, system_prompt, response)
 
 
 def response_of(row: dict, task) -> str:

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from essa import EssaError
+from essa.chat import chat_prompts
 from essa.config import from_dict, help_field, to_dict
-from essa.engine import SamplingConfig, chat_prompts, check_context
+from essa.engine import check_context
 from essa.evaluate import build_engine, resolve_system_prompt, validation_score
 from essa.files import (
     abandon_run_dir,
@@ -45,6 +46,7 @@ from essa.files import (
     write_jsonl_atomic,
 )
 from essa.rewards import safe_rewards, with_timeout
+from essa.sampling import SamplingConfig
 from essa.tasks import get_task, load_rows, split_rl_data
 
 CHECKPOINT = "checkpoint.npz"

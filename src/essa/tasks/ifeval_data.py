@@ -138,7 +138,7 @@ def _bases(rng: random.Random) -> dict[str, list[str]]:
 
 
 def _conflicts() -> dict[str, set[str]]:
-    from essa.tasks.ifeval import checkers
+    from essa.tasks.ifeval_checks import checkers
 
     conf = {k: set(v) for k, v in checkers().conflicts.items()}
     for a, b in EXTRA_CONFLICTS:
@@ -149,7 +149,7 @@ def _conflicts() -> dict[str, set[str]]:
 
 def _build(iid: str, rng: random.Random, **kwargs) -> tuple[str, dict]:
     """Build one checker with arguments drawn by its own build_description; returns (text, kwargs)."""
-    from essa.tasks.ifeval import checkers
+    from essa.tasks.ifeval_checks import checkers
 
     inst = checkers().INSTRUCTION_DICT[iid](iid)
     state = random.getstate()
@@ -197,7 +197,7 @@ def make_ifeval_like(n: int, seed: int) -> list[dict]:
     """``n`` IFEval-like rows, deterministic for ``seed`` (see the module docstring)."""
     if n < 0:
         raise EssaError(f"cannot generate {n} rows; pass --n >= 0")
-    from essa.tasks.ifeval import checkers
+    from essa.tasks.ifeval_checks import checkers
 
     ids = sorted(checkers().INSTRUCTION_DICT)
     conflicts = _conflicts()
@@ -261,7 +261,7 @@ def rejection_sample(rows: list[dict], generate: Callable[[list[str], int], list
     the order generated. ``batch_size``: prompts per ``generate`` call (default: all at once).
     ``mode``: strict (default) or loose checking.
     """
-    from essa.tasks.ifeval import _check, build_instructions
+    from essa.tasks.ifeval_checks import build_instructions, followed
 
     if samples_per_prompt < 1 or max_per_prompt < 1:
         raise EssaError("samples_per_prompt and max_per_prompt must be >= 1; pass positive values")
@@ -281,7 +281,7 @@ def rejection_sample(rows: list[dict], generate: Callable[[list[str], int], list
             for response in candidates:
                 if response in kept:
                     continue
-                if all(_check(insts, response, mode)):
+                if all(followed(insts, response, mode)):
                     kept.append(response)
                     out.append({**row, "response": response})
                     if len(kept) >= max_per_prompt:

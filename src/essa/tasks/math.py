@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from essa.tasks import MATH_SYSTEM_PROMPT, Task, data_path, read_jsonl, seeded_split
+from essa.tasks.base import MATH_SYSTEM_PROMPT, Task, data_path, read_jsonl, seeded_split
 
 #: Paper's split of GSM8K train (7473): 1495 for SFT, 5978 for RL.
 GSM8K_SFT_SIZE, GSM8K_RL_SIZE = 1495, 5978
