@@ -19,10 +19,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from essa.checkpoint import load_checkpoint
 from essa.config import from_dict
 from essa.files import run_kind
 from essa.models import load_model
-from essa.trainer import TrainConfig, load_checkpoint, train
+from essa.trainer import TrainConfig, train
 from helpers import random_adapter
 
 REWARD = '''

@@ -14,10 +14,11 @@ import yaml
 from peft import PeftModel
 
 from essa import EssaError
+from essa.checkpoint import load_checkpoint
 from essa.cli import main
 from essa.config import from_dict
 from essa.models import load_model
-from essa.trainer import TrainConfig, load_checkpoint, train
+from essa.trainer import TrainConfig, train
 from helpers import random_adapter
 
 REWARD = '''

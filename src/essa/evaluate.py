@@ -13,7 +13,7 @@ from essa.chat import chat_prompts
 from essa.config import help_field
 from essa.engine import PopulationEngine, check_context
 from essa.files import write_jsonl_atomic
-from essa.rewards import safe_rewards
+from essa.rewards import score_completions
 from essa.sampling import SamplingConfig
 from essa.tasks import Task, get_task, load_rows
 
@@ -64,8 +64,7 @@ def validation_score(task, metric: str, reward_fn, rows: list[dict], texts: list
     """The number validation selects by: the mean reward (``metric='reward'``; invalid values are left
     out, none valid = -inf, so such a model never ranks) or a metric of the task's evaluation."""
     if metric == "reward":
-        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
-        values, _ = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, columns)
+        _, values, _ = score_completions(reward_fn, rows, texts)
         valid = [v for v in values if math.isfinite(v)]
         return float(sum(valid) / len(valid)) if valid else -math.inf
     metrics = task.evaluate(rows, texts)
@@ -73,6 +72,22 @@ def validation_score(task, metric: str, reward_fn, rows: list[dict], texts: list
         raise EssaError(f"val_metric {metric!r} is not a metric of task {task.name!r}; use 'reward' or one of: "
                         f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
     return float(metrics[metric])
+
+
+@dataclass
+class Selection:
+    """Best by validation: the highest validation score so far and the generation (or step) that reached it;
+    a tie keeps the earlier one. `essa train` and `essa grpo` select their `adapters/best` with it."""
+
+    value: float = -math.inf
+    generation: int | None = None
+
+    def offer(self, value: float, generation: int) -> bool:
+        """Take ``value`` if it beats the best so far; True when it did."""
+        if value > self.value:
+            self.value, self.generation = float(value), generation
+            return True
+        return False
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -143,15 +143,10 @@ class EssaReward:
         self._pending: list[float] = []
 
     def __call__(self, prompts, completions, completion_ids=None, essa_row=None, **_):
-        from essa.rewards import safe_rewards
+        from essa.rewards import score_completions
 
         rows = [self.rows[int(i)] for i in essa_row]
-        texts = [_text(c) for c in completions]
-        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
-        values, invalid = safe_rewards(self.reward_fn, [r["prompt"] for r in rows], texts, columns)
-        valid = [v for v in values if math.isfinite(v)]
-        worst = min(valid) if valid else 0.0
-        values = [v if math.isfinite(v) else worst for v in values]
+        values, _, invalid = score_completions(self.reward_fn, rows, [_text(c) for c in completions])
         self.invalid += invalid
         self.tokens += sum(len(ids) for ids in (completion_ids or []))
         self._pending.extend(values)
@@ -267,7 +262,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from peft import PeftModel
     from transformers import TrainerCallback
 
-    from essa.evaluate import validation_score
+    from essa.evaluate import Selection, validation_score
     from essa.files import (
         abandon_run_dir,
         append_jsonl,
@@ -320,7 +315,8 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     validator = Validator(cfg, task, system_prompt)
     val_ids = validator.prompt_ids(val_rows)
     adapters = run_dir / "adapters"
-    st = {"step": 0, "best_val": -math.inf, "best_val_step": None, "last_val_wall": 0.0, "wall": 0.0,
+    selection = Selection()  # best by validation, as in `essa train`
+    st = {"step": 0, "last_val_wall": 0.0, "wall": 0.0,
           "validations": 0, "stopped_by_budget": False}
     pending: dict = {}
 
@@ -331,8 +327,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
             peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
             acc = validation_score(task, val_metric, reward_fn, val_rows, validator.run(tmp, val_rows, val_ids)[1])
             st["validations"] += 1
-            if acc > st["best_val"]:
-                st["best_val"], st["best_val_step"] = acc, step
+            if selection.offer(acc, step):
                 (tmp / "essa_grpo.json").write_text(json.dumps({
                     "selected_by": f"validation accuracy on {len(val_rows)} held-out train rows",
                     "generation": step, "val_accuracy": acc}, indent=2))
@@ -361,7 +356,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
             self.t0 = time.perf_counter()
             v = validate(self._model(), 0)
             st["last_val_wall"] = st["step_start"] = self.elapsed()
-            log({"generation": 0, "val_mean": v, "best_val": st["best_val"], "tokens": 0,
+            log({"generation": 0, "val_mean": v, "best_val": selection.value, "tokens": 0,
                  "wall_seconds": round(st["last_val_wall"], 3)})
 
         def on_step_end(self, args, state, control, **kw):
@@ -387,7 +382,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
                 if due and "val_mean" not in rec:
                     v = validate(self._model(), step)
                     st["last_val_wall"] = self.elapsed()
-                    rec.update({"val_mean": v, "best_val": st["best_val"]})
+                    rec.update({"val_mean": v, "best_val": selection.value})
             st["wall"] = st["step_start"] = self.elapsed()
             rec["wall_seconds"] = round(st["wall"], 3)
             pending.clear()
@@ -425,8 +420,8 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     if not (adapters / "best").exists():  # cannot happen after a validation; kept for safety
         shutil.copytree(final_dir, adapters / "best")
     summary = {"run_dir": str(run_dir), "method": "grpo", "trl_version": trl.__version__,
-               "generations": st["step"], "steps": st["step"], "best_val": st["best_val"],
-               "best_val_generation": st["best_val_step"],
+               "generations": st["step"], "steps": st["step"], "best_val": selection.value,
+               "best_val_generation": selection.generation,
                "selection_split": f"{len(val_rows)} rows held out from {task.name} RL/train data",
                "val_metric": val_metric, "system_prompt": system_prompt,
                "wall_seconds": round(st["wall"], 2), "tokens_generated": reward.tokens,

@@ -297,6 +297,21 @@ def with_timeout(reward_fn: RewardFn, seconds: float | None) -> RewardFn:
     return limited
 
 
+def reward_columns(rows: list[dict]) -> dict[str, list]:
+    """The rows' fields other than ``prompt``, as keyword lists for a TRL-signature reward."""
+    return {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"} if rows else {}
+
+
+def score_completions(reward_fn, rows: list[dict], texts: list[str]) -> tuple[list[float], list[float], int]:
+    """(scores, raw, invalid) of completions ``texts`` (``rows[i]`` is the row of ``texts[i]``), as `essa train`
+    and `essa grpo` both score them: ``raw`` has NaN where the reward gave None/NaN or raised; ``scores``
+    replaces those by the worst valid score of the call (0.0 when none is valid); ``invalid`` counts them."""
+    raw, invalid = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, reward_columns(rows))
+    valid = [v for v in raw if math.isfinite(v)]
+    worst = min(valid) if valid else 0.0
+    return [v if math.isfinite(v) else worst for v in raw], raw, invalid
+
+
 def safe_rewards(reward_fn, prompts, completions, columns) -> tuple[list[float], int]:
     """Call a reward; None/NaN entries or an exception become NaN, counted as invalid. A
     :class:`RewardTimeout` is not absorbed: it stops the run."""

@@ -27,13 +27,13 @@ import numpy as np
 
 from essa import EssaError
 from essa.chat import chat_prompts
+from essa.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from essa.config import from_dict, help_field, to_dict
 from essa.engine import check_context
-from essa.evaluate import build_engine, resolve_system_prompt, validation_score
+from essa.evaluate import Selection, build_engine, resolve_system_prompt, validation_score
 from essa.files import (
     abandon_run_dir,
     append_jsonl,
-    atomic_write_bytes,
     check_new_run_dir,
     fault_point,
     lock_run_dir,
@@ -45,11 +45,9 @@ from essa.files import (
     write_json,
     write_jsonl_atomic,
 )
-from essa.rewards import safe_rewards, with_timeout
+from essa.rewards import score_completions, with_timeout
 from essa.sampling import SamplingConfig
 from essa.tasks import get_task, load_rows, split_rl_data
-
-CHECKPOINT = "checkpoint.npz"
 
 
 @dataclass
@@ -189,33 +187,42 @@ def resolve_val_metric(cfg: RunConfig, task) -> str:
     return "accuracy" if cfg.reward is None and task.reward is not None else "reward"
 
 
-def save_checkpoint(run_dir: Path, meta: dict, arrays: dict[str, np.ndarray]):
-    """One .npz holding the arrays and the JSON metadata (as bytes); written atomically, no pickle."""
-    import io
+@dataclass
+class LoopState:
+    """What the loop carries from one generation to the next besides the strategy and the data cursor;
+    saved in every checkpoint (scalars in its JSON, the two offsets as arrays)."""
 
-    buf = io.BytesIO()
-    np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
-    fault_point("checkpoint")
-    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
+    generation: int = 0                 #: generations done
+    selection: Selection = field(default_factory=Selection)  #: best validation score so far, and its generation
+    best_offset: np.ndarray | None = None     #: the offset that reached it (exported as adapters/best)
+    best_fitness: float = -math.inf     #: highest mini-batch fitness seen
+    best_candidate: np.ndarray | None = None  #: the candidate that reached it
+    wall_seconds: float = 0.0           #: wall-clock of the run so far (calibration included)
+    tokens: int = 0                     #: completion tokens generated for fitness
+    invalid_rewards: int = 0            #: rewards that were None/NaN or raised (scored as the worst valid)
+    last_val_wall: float = 0.0          #: wall_seconds at the last validation (eval_every_seconds)
+    last_val_generation: int = 0        #: generation of the last validation
 
+    @classmethod
+    def start(cls, dimension: int, wall_seconds: float = 0.0) -> LoopState:
+        return cls(best_offset=np.zeros(dimension), best_candidate=np.zeros(dimension), wall_seconds=wall_seconds)
 
-def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """The checkpoint's (metadata, arrays); a damaged file is one line (never unpickled)."""
-    import zipfile
+    def meta(self) -> dict:
+        return {"generation": self.generation, "best_val": self.selection.value,
+                "best_val_generation": self.selection.generation, "best_fitness": self.best_fitness,
+                "wall_seconds": self.wall_seconds, "tokens": self.tokens, "invalid_rewards": self.invalid_rewards,
+                "last_val_wall": self.last_val_wall, "last_val_generation": self.last_val_generation}
 
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        raise EssaError(f"{run_dir} has no {CHECKPOINT}; pass the run directory of an `essa train` run")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
-        if not all(k in meta for k in ("loop", "strategy", "data")):
-            raise KeyError("loop/strategy/data")
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError):
-        raise EssaError(f"{path} is damaged (not a complete essa checkpoint) and cannot be resumed; start a new run "
-                        f"into another output_dir (nothing was changed)") from None
-    return meta, arrays
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"best_offset": np.asarray(self.best_offset), "best_candidate": np.asarray(self.best_candidate)}
+
+    @classmethod
+    def from_checkpoint(cls, meta: dict, arrays: dict[str, np.ndarray]) -> LoopState:
+        return cls(generation=meta["generation"], selection=Selection(meta["best_val"], meta["best_val_generation"]),
+                   best_offset=arrays["best_offset"], best_fitness=meta["best_fitness"],
+                   best_candidate=arrays["best_candidate"], wall_seconds=meta["wall_seconds"], tokens=meta["tokens"],
+                   invalid_rewards=meta["invalid_rewards"], last_val_wall=meta["last_val_wall"],
+                   last_val_generation=meta.get("last_val_generation", meta["generation"]))
 
 
 class DataStream:
@@ -297,44 +304,38 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
         sigma0 = cfg.sigma0 if cfg.sigma0 is not None else DEFAULT_SIGMA0
     strategy = make_strategy(cfg.strategy, genome.dimension, cfg.popsize, sigma0, cfg.seed, **cfg.strategy_opts)
     stream = DataStream(len(train_rows), cfg.seed)
-    st = {"generation": 0, "best_val": -math.inf, "best_val_generation": None, "best_fitness": -math.inf,
-          "wall_seconds": calibration_seconds, "tokens": 0, "invalid_rewards": 0, "last_val_wall": 0.0,
-          "last_val_generation": 0}
-    best_offset = np.zeros(genome.dimension)       # best by validation
-    best_candidate = np.zeros(genome.dimension)    # highest mini-batch fitness seen
+    state = LoopState.start(genome.dimension, calibration_seconds)
     if resume_from is not None:
         meta, arrays = resume_from
-        st.update(meta["loop"])
+        state = LoopState.from_checkpoint(meta["loop"], arrays)
         strategy.load_state_dict(meta["strategy"], {k[len("strategy/"):]: v for k, v in arrays.items() if k.startswith("strategy/")})
         stream.load(meta["data"], {"data_order": arrays["data_order"]})
-        best_offset, best_candidate = arrays["best_offset"], arrays["best_candidate"]
-        _truncate_jsonl(run_dir / "metrics.jsonl", st["generation"])
-        _truncate_jsonl(run_dir / "samples.jsonl", st["generation"])
-        print(f"essa: resuming {run_dir} at generation {st['generation']}")
+        _truncate_jsonl(run_dir / "metrics.jsonl", state.generation)
+        _truncate_jsonl(run_dir / "samples.jsonl", state.generation)
+        print(f"essa: resuming {run_dir} at generation {state.generation}")
 
     writer = None
     if cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(run_dir / "tb"), purge_step=st["generation"] or None)
+            writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.generation or None)
         except ImportError:
             writer = None
 
-    def validate(gen: int, offsets: dict[str, np.ndarray]) -> dict:
-        names = list(offsets)
-        outs = engine.generate(val_ids, np.stack([offsets[n] for n in names]), greedy_val)
+    def validate(gen: int) -> dict[str, float]:
+        """Validate the strategy mean (and the best candidate, if asked); keep the best by validation."""
+        models = {"mean": np.asarray(strategy.mean, dtype=np.float64)} if gen else {"mean": np.zeros(genome.dimension)}
+        if cfg.validate_best_candidate and gen:
+            models["best_candidate"] = state.best_candidate
+        outs = engine.generate(val_ids, np.stack(list(models.values())), greedy_val)
         fault_point("validation")
-        res = {}
-        for name, per_prompt in zip(names, outs):
-            texts = [s[0].text for s in per_prompt]
-            res[name] = validation_score(task, val_metric, reward_fn, val_rows, texts)
-        return res
-
-    def to_validate() -> dict[str, np.ndarray]:
-        models = {"mean": np.asarray(strategy.mean)}
-        if cfg.validate_best_candidate:
-            models["best_candidate"] = best_candidate
-        return models
+        scores = {}
+        for (name, offset), per_prompt in zip(models.items(), outs):
+            scores[name] = validation_score(task, val_metric, reward_fn, val_rows, [s[0].text for s in per_prompt])
+            if state.selection.offer(scores[name], gen):
+                state.best_offset = np.array(offset, dtype=np.float64)
+        state.last_val_generation, state.last_val_wall = gen, time.perf_counter() - t_start
+        return scores
 
     def log(record: dict):
         append_jsonl(run_dir / "metrics.jsonl", [record])
@@ -344,120 +345,106 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
                     writer.add_scalar(k.replace("val_", "val/").replace("fitness_", "fitness/"), v, record["generation"])
             writer.flush()
 
-    t_start = time.perf_counter() - st["wall_seconds"]
+    def checkpoint():
+        s_meta, s_arrays = strategy.state_dict()
+        d_meta, d_arrays = stream.state()
+        arrays = {**{f"strategy/{k}": v for k, v in s_arrays.items()}, **d_arrays, **state.arrays()}
+        save_checkpoint(run_dir, {"loop": state.meta(), "strategy": s_meta, "data": d_meta}, arrays)
+
+    t_start = time.perf_counter() - state.wall_seconds
     print(f"essa: genome dimension {genome.dimension} ({genome.info()['formula']}), strategy {cfg.strategy}, "
           f"popsize {cfg.popsize}, batch {cfg.batch_size}; validation = {len(val_rows)} held-out rows of "
           f"{task.name} train data (not test)")
-    if st["generation"] == 0 and resume_from is None:
-        v = validate(0, {"mean": np.zeros(genome.dimension)})
-        st["best_val"], st["best_val_generation"], st["last_val_wall"] = v["mean"], 0, time.perf_counter() - t_start
+    if state.generation == 0 and resume_from is None:  # generation 0: the SFT adapter itself
+        v = validate(0)
         log({"generation": 0, "val_mean": v["mean"], "wall_seconds": round(time.perf_counter() - t_start, 3),
-             "tokens": st["tokens"], "sigma": strategy.sigma})
-        _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
+             "tokens": state.tokens, "sigma": strategy.sigma})
+        checkpoint()
 
-    while st["generation"] < cfg.generations:
+    while state.generation < cfg.generations:
         if cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes:
             print(f"essa: time budget of {cfg.max_minutes} min reached")
             break
-        gen = st["generation"] + 1
+        gen = state.generation + 1
+        # ask: K offsets; one batched generation of every (candidate, prompt, sample)
         X = strategy.ask()
         K = len(X)
-        if cfg.shared_batch:
-            idx = stream.next(cfg.batch_size)
-            per_cand = [idx] * K
-        else:
-            per_cand = [stream.next(cfg.batch_size) for _ in range(K)]
+        per_cand = [stream.next(cfg.batch_size)] * K if cfg.shared_batch else [stream.next(cfg.batch_size) for _ in range(K)]
         pairs = [(k, i) for k in range(K) for i in per_cand[k]]
         bar = tqdm(total=len(pairs), desc=f"gen {gen}/{cfg.generations}", unit="row", leave=False)
         t_gen = time.perf_counter()
         tok0 = engine.stats.useful_tokens
 
         def progress(done, toks):
-            bar.update(done * 1 - bar.n)
+            bar.update(done - bar.n)
             bar.set_postfix(tok_s=f"{(toks - tok0) / max(time.perf_counter() - t_gen, 1e-9):.0f}")
 
         comps = engine.generate_pairs(train_ids, X, pairs, cfg.generation, progress)
         bar.close()
+        # fitness: the mean reward of a candidate's completions (every sample scored; invalid = worst valid)
         S = cfg.generation.num_samples
-        rows = [train_rows[i] for _, i in pairs for _ in range(S)]     # every sample is scored
+        rows = [train_rows[i] for _, i in pairs for _ in range(S)]
         texts = [c.text for samples in comps for c in samples]
-        columns = {key: [r.get(key) for r in rows] for key in rows[0] if key != "prompt"}
-        values, invalid = safe_rewards(reward_fn, [r["prompt"] for r in rows], texts, columns)
-        arr = np.asarray(values, dtype=np.float64).reshape(K, cfg.batch_size * S)
-        valid = arr[np.isfinite(arr)]
-        worst = float(valid.min()) if valid.size else 0.0
-        arr = np.where(np.isfinite(arr), arr, worst)
-        fitness = arr.mean(axis=1)                                      # mean over prompts and samples
+        scores, raw, invalid = score_completions(reward_fn, rows, texts)
+        fitness = np.asarray(scores, dtype=np.float64).reshape(K, cfg.batch_size * S).mean(axis=1)
+        any_valid = invalid < len(raw)
         # all equal (or no valid reward at all): no information; telling would move the mean in ask order
-        flat = bool(np.ptp(fitness) == 0) or valid.size == 0
+        flat = bool(np.ptp(fitness) == 0) or not any_valid
         if not flat:
             strategy.tell(X, fitness)
         gen_tokens = engine.stats.useful_tokens - tok0
-        st["tokens"] += gen_tokens
-        st["invalid_rewards"] += invalid
+        state.tokens += gen_tokens
+        state.invalid_rewards += invalid
         top = int(np.argmax(fitness))
-        if valid.size and fitness[top] > st["best_fitness"]:  # a generation without a valid reward never ranks
-            st["best_fitness"], best_candidate = float(fitness[top]), np.asarray(X[top], dtype=np.float64)
-        st["generation"] = gen
+        if any_valid and fitness[top] > state.best_fitness:  # a generation without a valid reward never ranks
+            state.best_fitness, state.best_candidate = float(fitness[top]), np.asarray(X[top], dtype=np.float64)
+        state.generation = gen
         wall = time.perf_counter() - t_start
         record = {"generation": gen, "fitness_mean": float(fitness.mean()), "fitness_max": float(fitness.max()),
                   "fitness_min": float(fitness.min()), "fitness_std": float(fitness.std()), "sigma": float(strategy.sigma),
-                  "tokens_generated": gen_tokens, "tokens": st["tokens"], "invalid_rewards": invalid,
+                  "tokens_generated": gen_tokens, "tokens": state.tokens, "invalid_rewards": invalid,
                   "tokens_per_second": round(gen_tokens / max(time.perf_counter() - t_gen, 1e-9), 1),
                   "wall_seconds": round(wall, 3), "epoch": stream.epoch, "flat_fitness": flat}
-        due = gen % cfg.eval_every == 0 or gen == cfg.generations or (
-            cfg.eval_every_seconds is not None and wall - st["last_val_wall"] >= cfg.eval_every_seconds)
-        if due:
-            models = to_validate()
-            v = validate(gen, models)
-            record.update({f"val_{name}": acc for name, acc in v.items()})
-            for name, off in models.items():
-                if v[name] > st["best_val"]:
-                    st["best_val"], st["best_val_generation"], best_offset = v[name], gen, np.array(off, dtype=np.float64)
-            record["best_val"] = st["best_val"]
-            st["last_val_generation"] = gen
-            st["last_val_wall"] = time.perf_counter() - t_start
-            record["wall_seconds"] = round(st["last_val_wall"], 3)
-        st["wall_seconds"] = time.perf_counter() - t_start
+        if gen % cfg.eval_every == 0 or gen == cfg.generations or (
+                cfg.eval_every_seconds is not None and wall - state.last_val_wall >= cfg.eval_every_seconds):
+            record.update({f"val_{name}": score for name, score in validate(gen).items()})
+            record["best_val"] = state.selection.value
+            record["wall_seconds"] = round(state.last_val_wall, 3)
+        state.wall_seconds = time.perf_counter() - t_start
+        first = top * cfg.batch_size * S
         append_jsonl(run_dir / "samples.jsonl", [
-            {"generation": gen, "candidate": top, "prompt": rows[top * cfg.batch_size * S + j]["prompt"],
-             "completion": texts[top * cfg.batch_size * S + j], "reward": values[top * cfg.batch_size * S + j]}
-            for j in range(min(cfg.samples_per_generation, cfg.batch_size * S))])
+            {"generation": gen, "candidate": top, "prompt": rows[first + j]["prompt"], "completion": texts[first + j],
+             "reward": raw[first + j]} for j in range(min(cfg.samples_per_generation, cfg.batch_size * S))])
         log(record)
         print(f"essa: gen {gen}: fitness mean {record['fitness_mean']:.4f} max {record['fitness_max']:.4f} "
               f"sigma {record['sigma']:.4g}" + (f" val {record['val_mean']:.4f}" if "val_mean" in record else "")
               + f" ({record['tokens_per_second']:.0f} tok/s)")
-        _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
+        checkpoint()
 
     # the loop ended without validating its last generation (time budget): validate it now
-    if st["generation"] > 0 and st.get("last_val_generation") != st["generation"]:
-        gen = st["generation"]
-        models = to_validate()
-        v = validate(gen, models)
-        for name, off in models.items():
-            if v[name] > st["best_val"]:
-                st["best_val"], st["best_val_generation"], best_offset = v[name], gen, np.array(off, dtype=np.float64)
-        st["last_val_generation"] = gen
-        st["wall_seconds"] = time.perf_counter() - t_start
-        log({"generation": gen, **{f"val_{name}": acc for name, acc in v.items()},
-             "best_val": st["best_val"], "wall_seconds": round(st["wall_seconds"], 3), "tokens": st["tokens"],
+    if state.generation > 0 and state.last_val_generation != state.generation:
+        v = validate(state.generation)
+        state.wall_seconds = time.perf_counter() - t_start
+        log({"generation": state.generation, **{f"val_{name}": score for name, score in v.items()},
+             "best_val": state.selection.value, "wall_seconds": round(state.wall_seconds, 3), "tokens": state.tokens,
              "final_validation": True})
-        _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate)
+        checkpoint()
 
     from essa.genome import export_adapter
 
     final_mean = np.asarray(strategy.mean, dtype=np.float64)
+    best_offset = state.best_offset
     best_dir = export_adapter(genome, best_offset, run_dir / "adapters" / "best", cfg.clamp_min,
                               metadata={"selected_by": f"validation accuracy on {len(val_rows)} held-out train rows",
-                                        "generation": st["best_val_generation"], "val_accuracy": st["best_val"]})
+                                        "generation": state.selection.generation, "val_accuracy": state.selection.value})
     final_dir = export_adapter(genome, final_mean, run_dir / "adapters" / "final", cfg.clamp_min,
-                               metadata={"generation": st["generation"]})
-    summary = {"run_dir": str(run_dir), "generations": st["generation"], "genome_dimension": genome.dimension,
+                               metadata={"generation": state.generation})
+    summary = {"run_dir": str(run_dir), "generations": state.generation, "genome_dimension": genome.dimension,
                "val_metric": val_metric, "system_prompt": system_prompt,
-               "best_val": st["best_val"], "best_val_generation": st["best_val_generation"],
+               "best_val": state.selection.value, "best_val_generation": state.selection.generation,
                "selection_split": f"{len(val_rows)} rows held out from {task.name} RL/train data",
-               "wall_seconds": round(st["wall_seconds"], 2), "tokens_generated": st["tokens"],
-               "invalid_rewards": st["invalid_rewards"], "adapters": {"best": str(best_dir), "final": str(final_dir)}}
+               "wall_seconds": round(state.wall_seconds, 2), "tokens_generated": state.tokens,
+               "invalid_rewards": state.invalid_rewards, "adapters": {"best": str(best_dir), "final": str(final_dir)}}
     if test_rows is not None:
         test_ids = chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt)
         outs = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]), greedy_val)
@@ -503,15 +490,6 @@ def _calibrate(cfg: TrainConfig, engine, train_ids, run_dir: Path) -> float:
     print(f"essa: sigma0 auto = {sigma:.4g} (target KL {cfg.sigma_target_kl:g} nats/token: measured {chosen['kl']:.3g}, "
           f"top-1 agreement with the SFT adapter {chosen['agreement']:.3f}; {record['seconds']:.0f} s, calibration.json)")
     return float(sigma)
-
-
-def _checkpoint(run_dir, st, strategy, stream, best_offset, best_candidate):
-    s_meta, s_arrays = strategy.state_dict()
-    d_meta, d_arrays = stream.state()
-    arrays = {f"strategy/{k}": v for k, v in s_arrays.items()}
-    arrays.update(d_arrays)
-    arrays["best_offset"], arrays["best_candidate"] = np.asarray(best_offset), np.asarray(best_candidate)
-    save_checkpoint(run_dir, {"loop": st, "strategy": s_meta, "data": d_meta}, arrays)
 
 
 def _truncate_jsonl(path: Path, generation: int):
