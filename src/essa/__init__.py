@@ -12,3 +12,12 @@ __version__ = "0.1.0"
 
 class EssaError(Exception):
     """A user-facing error: its message names the problem and the fix, in one line."""
+
+
+def __getattr__(name: str):
+    """``from essa import ESSAConfig, ESSATrainer`` (the TRL-shaped Python API, imported on first use)."""
+    if name in ("ESSAConfig", "ESSATrainer"):
+        from essa import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'essa' has no attribute {name!r}")

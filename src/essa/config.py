@@ -114,8 +114,8 @@ def _check(value, tp, where: str):
     return value
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a mapping, checking keys and types."""
+def from_dict(cls, data: dict, prefix: str = "", validate: bool = True):
+    """Build dataclass ``cls`` from a mapping, checking keys and types (and ``validate()`` unless told not to)."""
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -123,7 +123,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     hints = _hints(cls)
     kwargs = {k: _check(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
+    if validate and hasattr(obj, "validate"):
         obj.validate()
     return obj
 

@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,7 +48,7 @@ from essa.files import (
 )
 from essa.rewards import score_completions, with_timeout
 from essa.sampling import SamplingConfig
-from essa.tasks import get_task, load_rows, split_rl_data
+from essa.tasks import get_task, load_rows, seeded_split, split_rl_data
 
 
 @dataclass
@@ -146,14 +147,24 @@ class TrainConfig(RunConfig):
 
 # ------------------------------------------------------------------------------ small helpers
 
-def task_setup(cfg: RunConfig):
+@dataclass
+class RunInputs:
+    """In-memory inputs of a run (the Python API, `essa.api.ESSATrainer`); each replaces what the config names."""
+
+    reward_fn: Callable | None = None       #: replaces `reward` (a TRL-signature function)
+    train_rows: list[dict] | None = None    #: replaces `train_data` (rows with a text 'prompt' and other columns)
+    val_rows: list[dict] | None = None      #: validation rows (None: `val_size` rows carved from the training rows)
+
+
+def task_setup(cfg: RunConfig, inputs: RunInputs | None = None):
     """(task, system prompt, reward function, validation rows, training rows) of a run; `essa train` and
     `essa grpo` share it, so both see the same prompts, reward and held-out validation rows."""
     from essa.rewards import resolve_reward
 
     task = get_task(cfg.task)
     system_prompt = resolve_system_prompt(task, cfg.system_prompt)
-    if cfg.reward is None and task.reward is None:
+    inputs = inputs or RunInputs()
+    if cfg.reward is None and task.reward is None and inputs.reward_fn is None:
         raise EssaError(f"task {task.name!r} has no reward of its own; set `reward:` (e.g. reward_model:PATH or "
                         f"module:function)")
     opts = dict(cfg.reward_options)
@@ -161,10 +172,22 @@ def task_setup(cfg: RunConfig):
     if unknown:
         raise EssaError(f"unknown reward_options key {unknown[0]!r}; valid: batch_size, trust_remote_code, max_length, "
                         f"score_head")
-    reward_fn = (resolve_reward(cfg.reward, device=cfg.device, system_prompt=system_prompt, **opts)
-                 if cfg.reward is not None else task.reward)
+    if inputs.reward_fn is not None:
+        reward_fn = inputs.reward_fn
+    else:
+        reward_fn = (resolve_reward(cfg.reward, device=cfg.device, system_prompt=system_prompt, **opts)
+                     if cfg.reward is not None else task.reward)
     reward_fn = with_timeout(reward_fn, cfg.reward_timeout)
-    val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
+    if inputs.train_rows is None:
+        val_rows, train_rows = split_rl_data(task, cfg.train_data, cfg.val_size, cfg.seed)
+    elif inputs.val_rows:
+        val_rows, train_rows = inputs.val_rows, inputs.train_rows
+    else:
+        if cfg.val_size >= len(inputs.train_rows):
+            raise EssaError(f"val_size {cfg.val_size} leaves no training rows out of {len(inputs.train_rows)}; lower it "
+                            f"or pass eval_dataset")
+        val_rows, train_rows = seeded_split(inputs.train_rows, [cfg.val_size, len(inputs.train_rows) - cfg.val_size],
+                                            cfg.seed + 12345)
     return task, system_prompt, reward_fn, val_rows, train_rows
 
 
@@ -254,9 +277,11 @@ class DataStream:
 
 # ------------------------------------------------------------------------------ the loop
 
-def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restart: bool = False) -> dict:
+def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restart: bool = False,
+          inputs: RunInputs | None = None) -> dict:
     """Run ESSA (see the module docstring). ``resume_from``: a checkpoint's (meta, arrays) to continue from;
-    ``restart``: start over inside an existing run directory whose run stopped before its first checkpoint."""
+    ``restart``: start over inside an existing run directory whose run stopped before its first checkpoint;
+    ``inputs``: in-memory reward and rows (the Python API) instead of those the config names."""
     from tqdm import tqdm
 
     from essa.strategies import DEFAULT_SIGMA0, make_strategy
@@ -271,7 +296,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
         lock = lock_run_dir(run_dir)
     remove_stale_temps(run_dir)
     try:  # a start that fails (data, model, reward, adapter) leaves the folder as it found it
-        task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg)
+        task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg, inputs)
         val_metric = resolve_val_metric(cfg, task)
         test_rows = load_test_rows(cfg, task)
         engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,

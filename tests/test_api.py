@@ -1,0 +1,88 @@
+"""The TRL-shaped Python API on the tiny model: an HF `datasets.Dataset` (standard and conversational
+prompts, extra columns passed to the reward), TRL-signature reward functions, train(), save_model()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from peft import PeftModel
+
+from essa import ESSAConfig, EssaError, ESSATrainer
+from essa.models import load_model
+from helpers import random_adapter
+
+SEEN: list[dict] = []
+
+
+def vowels(prompts, completions, target, **kwargs):
+    """TRL signature: completions (text or messages) and the dataset's other columns as keyword lists."""
+    SEEN.append({"prompts": prompts[:1], "completions": completions[:1], "target": target[:1]})
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch in t for ch in x) / max(1, len(x)) for x, t in zip(texts, target)]
+
+
+def length(completions, **kwargs):
+    return [-len(c[0]["content"] if isinstance(c, list) else c) / 100 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def sft(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    model, _ = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    random_adapter(model, root / "sft", rank=4, targets=("q_proj", "v_proj"))
+    cfg = json.loads((root / "sft" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = tiny_model_dir
+    (root / "sft" / "adapter_config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def _args(root, out, **over):
+    return ESSAConfig(**{"output_dir": str(root / out), "generations": 2, "popsize": 4, "sigma0": 0.5, "batch_size": 3,
+                         "eval_every": 1, "generation": {"max_new_tokens": 6}, "device": "cpu", "tensorboard": False, **over})
+
+
+def test_trl_shaped_training_with_a_conversational_dataset(sft):
+    from essa.sampling import SamplingConfig
+
+    SEEN.clear()
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {w}."}], "target": w}
+            for w in ("aeiou", "yes", "no", "maybe", "often", "rarely", "always", "never")]
+    train_ds, eval_ds = Dataset.from_list(rows[:6]), Dataset.from_list(rows[6:])
+    args = _args(sft, "conv", generation=SamplingConfig(max_new_tokens=6), reward_weights=[1.0, 0.5])
+    trainer = ESSATrainer(model=str(sft / "sft"), reward_funcs=[vowels, length], train_dataset=train_ds,
+                          eval_dataset=eval_ds, args=args)
+    summary = trainer.train()
+    assert summary["generations"] == 2 and summary["val_metric"] == "reward"
+    assert summary["selection_split"].startswith("2 rows")                       # the eval_dataset, not a carve-out
+    assert summary["system_prompt"] == "Be brief."                                # taken from the conversation
+    call = SEEN[0]
+    assert call["prompts"][0][-1]["role"] == "user" and call["completions"][0][0]["role"] == "assistant"
+    assert call["target"][0] in {r["target"] for r in rows}                       # extra columns reach the reward
+    out = trainer.save_model(str(sft / "saved"))
+    base, _ = load_model(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"], device="cpu")
+    assert isinstance(PeftModel.from_pretrained(base, str(out)), PeftModel)
+
+
+def test_standard_prompts_carve_validation_and_resume(sft):
+    SEEN.clear()
+    ds = Dataset.from_list([{"prompt": f"Count to {i}.", "target": "aeiou"} for i in range(10)])
+    trainer = ESSATrainer(model=str(sft / "sft"), reward_funcs=vowels, train_dataset=ds, args=_args(sft, "std", val_size=3))
+    s = trainer.train()
+    assert s["selection_split"].startswith("3 rows") and isinstance(SEEN[0]["completions"][0], str)
+    again = ESSATrainer(model=str(sft / "sft"), reward_funcs=vowels, train_dataset=ds, args=_args(sft, "std", val_size=3))
+    assert again.train(resume_from_checkpoint=True)["best_val"] == s["best_val"]   # a finished run resumes to the same end
+
+
+def test_bad_api_input_is_one_line(sft):
+    ds = Dataset.from_list([{"question": "no prompt"}])
+    with pytest.raises(EssaError, match="row 0 has no 'prompt'"):
+        ESSATrainer(model=str(sft / "sft"), reward_funcs=vowels, train_dataset=ds, args=_args(sft, "bad"))
+    with pytest.raises(EssaError, match="reward_weights"):
+        ESSATrainer(model=str(sft / "sft"), reward_funcs=[vowels], train_dataset=Dataset.from_list([{"prompt": "x"}]),
+                    args=_args(sft, "bad", reward_weights=[1.0, 2.0]))
+    with pytest.raises(EssaError, match="save_pretrained"):
+        ESSATrainer(model=object(), reward_funcs=vowels, train_dataset=ds, args=_args(sft, "bad"))
+    assert not Path(sft / "bad").exists()
