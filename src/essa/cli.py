@@ -25,9 +25,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
             continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                             metavar="VALUE", help=f.metadata.get("help", "").replace("%", "%%"))
-    parser.add_argument("--config", help="YAML file with any of these fields")
+    parser.add_argument("--config", help="YAML file with any of these fields (see configs/; flags and --set override it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (dotted keys for sections), repeatable")
+                        help="override a config field (dotted keys for sections, e.g. generation.max_new_tokens=64), repeatable")
 
 
 def _build(cls, args) -> typing.Any:
@@ -67,25 +67,20 @@ def cmd_train(args):
     from essa.trainer import TrainConfig, resume, train
 
     if args.resume:
-        if args.config or args.set:
-            raise EssaError("--resume continues a run with the settings it was started with; drop --config/--set "
-                            "(or start a new run with them)")
+        given = [f.name for f in dataclasses.fields(TrainConfig) if f.name in vars(args)]
+        if args.config or args.set or given:
+            raise EssaError("--resume continues a run with the settings it was started with; drop --config/--set and "
+                            "field flags (or start a new run with them)")
         summary = resume(args.resume)
     else:
-        if not args.config and not args.set:
-            raise EssaError("essa train needs --config FILE.yaml (see configs/) or --resume RUN_DIR")
-        data = load_yaml(args.config) if args.config else {}
-        summary = train(from_dict(TrainConfig, apply_overrides(data, args.set)))
+        summary = train(_build(TrainConfig, args))
     print(json.dumps(summary, indent=2))
 
 
 def cmd_grpo(args):
     from essa.grpo import GRPORunConfig, run_grpo
 
-    if not args.config and not args.set:
-        raise EssaError("essa grpo needs --config FILE.yaml (fields: essa.grpo.GRPORunConfig; e.g. the shared and grpo: parts of configs/compare-gsm8k.yaml)")
-    data = load_yaml(args.config) if args.config else {}
-    print(json.dumps(run_grpo(from_dict(GRPORunConfig, apply_overrides(data, args.set))), indent=2))
+    print(json.dumps(run_grpo(_build(GRPORunConfig, args)), indent=2))
 
 
 def cmd_compare(args):
@@ -184,15 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(e, EvalConfig)
     e.set_defaults(func=cmd_eval)
 
-    t = sub.add_parser("train", help="run ESSA (CMA-ES over singular values) from a YAML config")
-    t.add_argument("--config", help="YAML config (see configs/; `essa config-help train` lists every field)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, repeatable")
+    from essa.grpo import GRPORunConfig
+    from essa.trainer import TrainConfig
+
+    t = sub.add_parser("train", help="run ESSA (CMA-ES over singular values): a YAML config, flags, or both")
+    _add_fields(t, TrainConfig)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.set_defaults(func=cmd_train)
 
     gr = sub.add_parser("grpo", help="GRPO baseline (TRL GRPOTrainer) from the same SFT adapter, validated like train")
-    gr.add_argument("--config", help="YAML config (fields: see essa.grpo.GRPORunConfig)")
-    gr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, repeatable")
+    _add_fields(gr, GRPORunConfig)
     gr.set_defaults(func=cmd_grpo)
 
     cp = sub.add_parser("compare", help="ESSA vs GRPO for the same wall-clock budget: curves, test, time-to-threshold")

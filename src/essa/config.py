@@ -56,7 +56,7 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _check(value, tp, where: str):
+def _coerce(value, tp, where: str):
     """Return value converted to type tp, or raise EssaError naming the key."""
     origin = typing.get_origin(tp)
     if tp is typing.Any:
@@ -70,7 +70,7 @@ def _check(value, tp, where: str):
             if a is type(None):
                 continue
             try:
-                return _check(value, a, where)
+                return _coerce(value, a, where)
             except EssaError as e:
                 errors.append(str(e))
         raise EssaError(errors[0] if errors else f"{where}: bad value {value!r}")
@@ -87,7 +87,7 @@ def _check(value, tp, where: str):
             else:
                 raise EssaError(f"{where} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (typing.Any,)
-        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise EssaError(f"{where} must be a mapping, got {value!r}")
@@ -121,7 +121,7 @@ def from_dict(cls, data: dict, prefix: str = "", validate: bool = True):
     if unknown:
         raise EssaError(f"unknown config key {prefix}{unknown[0]!r}; valid keys: {', '.join(names)}")
     hints = _hints(cls)
-    kwargs = {k: _check(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     obj = cls(**kwargs)
     if validate and hasattr(obj, "validate"):
         obj.validate()

@@ -29,11 +29,43 @@ import numpy as np
 import torch
 
 from essa import EssaError
+from essa.config import help_field
 from essa.genome import Genome, singular_values
 from essa.models import is_oom
 from essa.population_lora import LORA_DTYPE, install_population_lora
 from essa.sampling import SamplingConfig, left_pad, row_keys, sample_tokens
 from essa.stopping import Completion, EndTracker
+
+
+@dataclass
+class EngineConfig:
+    """Where and how the population engine runs: one declaration for every command that generates
+    (`essa train`, `essa grpo` validation/test, `essa eval`, the Python API)."""
+
+    device: str = help_field("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = help_field("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    quantization: str = help_field("none", "base-weight quantization of the engine (generation, validation, test; never "
+                                   "training): none | int8 | int4")
+    memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, "
+                                                "4 GiB on CPU)")
+    max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
+    engine: str = help_field("auto", "decode path: auto (the static-cache fast decoder when the architecture is "
+                             "supported, else HF) | fast (required) | hf")
+
+    def validate_engine(self):
+        from essa.models import check_device
+
+        check_device(self.device)
+        if self.engine not in ENGINE_KINDS:
+            raise EssaError(f"unknown engine {self.engine!r}; use one of: {', '.join(ENGINE_KINDS)}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise EssaError(f"memory_budget_gb must be > 0 (or null for the default), got {self.memory_budget_gb}")
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise EssaError(f"max_batch_rows must be >= 1 (or null), got {self.max_batch_rows}")
+
+
+#: engine kind -> PopulationEngine's ``fast`` argument
+ENGINE_KINDS = {"auto": None, "fast": True, "hf": False}
 
 
 @dataclass

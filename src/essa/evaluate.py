@@ -11,7 +11,7 @@ from pathlib import Path
 from essa import EssaError
 from essa.chat import chat_prompts
 from essa.config import help_field
-from essa.engine import PopulationEngine, check_context
+from essa.engine import ENGINE_KINDS, EngineConfig, PopulationEngine, check_context
 from essa.files import write_jsonl_atomic
 from essa.rewards import score_completions
 from essa.sampling import SamplingConfig
@@ -19,7 +19,7 @@ from essa.tasks import Task, get_task, load_rows
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EngineConfig):
     """`essa eval`: score a model (optionally with an adapter) on a task's test split."""
 
     model: str = help_field("smollm2-135m-instruct", "base model: alias, hub id or local folder")
@@ -29,11 +29,6 @@ class EvalConfig:
     limit: int | None = help_field(None, "evaluate only the first N examples")
     max_new_tokens: int = help_field(512, "maximum tokens per completion")
     system_prompt: str | None = help_field("task", "system prompt; 'task' = the task's default, null = none")
-    device: str = help_field("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = help_field("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
-    quantization: str = help_field("none", "base-weight quantization for inference: none | int8 | int4")
-    memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
-    max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
     output: str | None = help_field(None, "per-example jsonl path (default: eval-<task>.jsonl in the current folder)")
     overwrite: bool = help_field(False, "replace an existing output file (otherwise an existing file is an error)")
     reward: str | None = help_field(None, "also report reward_mean, the mean of this reward over the greedy completions "
@@ -44,9 +39,7 @@ class EvalConfig:
     seed: int = help_field(0, "seed of the counter-based sampler (num_samples > 1)")
 
     def validate(self):
-        from essa.models import check_device
-
-        check_device(self.device)
+        self.validate_engine()
         if self.limit is not None and self.limit < 1:
             raise EssaError(f"limit must be >= 1 (or omitted for all examples), got {self.limit}")
         if self.max_new_tokens < 1:
@@ -136,18 +129,19 @@ def generate_and_score(engine: PopulationEngine, task: Task, rows: list[dict], c
     return results
 
 
-def build_engine(model: str, adapter: str | None, device: str = "auto", dtype: str = "auto",
-                 quantization: str = "none", alpha: float = 1.0, clamp_min: float | None = None,
-                 memory_budget_gb: float | None = None, max_batch_rows: int | None = None, balance: bool = True):
-    """Base model (+ quantization) with the adapter's genome installed as the per-row LoRA path."""
+def build_engine(model: str, adapter: str | None, engine: EngineConfig | None = None, alpha: float = 1.0,
+                 clamp_min: float | None = None, balance: bool = True, **engine_fields):
+    """Base model (+ quantization) with the adapter's genome installed as the per-row LoRA path.
+    ``engine``: where and how it runs (or its fields as keywords: device=..., quantization=...)."""
     from essa.genome import load_genome
     from essa.models import load_model, quantize_model
 
+    engine = engine or EngineConfig(**engine_fields)
     genome = load_genome(adapter, alpha, balance) if adapter else None
-    m, tok = load_model(model, device=device, dtype=dtype)
-    quantize_model(m, quantization)
-    return PopulationEngine(m, tok, genome, clamp_min=clamp_min, memory_budget_gb=memory_budget_gb,
-                            max_batch_rows=max_batch_rows)
+    m, tok = load_model(model, device=engine.device, dtype=engine.dtype)
+    quantize_model(m, engine.quantization)
+    return PopulationEngine(m, tok, genome, clamp_min=clamp_min, memory_budget_gb=engine.memory_budget_gb,
+                            max_batch_rows=engine.max_batch_rows, fast=ENGINE_KINDS[engine.engine])
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -164,8 +158,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if out_path.exists() and not cfg.overwrite:
         raise EssaError(f"{out_path} exists (an earlier evaluation); pass --output NEW.jsonl, or --overwrite true to replace it")
     rows = load_rows(task, source, limit=cfg.limit)
-    engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization,
-                          memory_budget_gb=cfg.memory_budget_gb, max_batch_rows=cfg.max_batch_rows)
+    engine = build_engine(cfg.model, cfg.adapter, cfg)
     check_context(engine.model, chat_prompts(engine.tokenizer, [r["prompt"] for r in rows],
                                              resolve_system_prompt(task, cfg.system_prompt)), cfg.max_new_tokens, "evaluation")
     t0 = time.perf_counter()

@@ -25,10 +25,7 @@ runs the same network from the same weights with a fixed-shape step instead:
   (and the copy fits ``fuse_budget_bytes``), their weights and the ``Vh_A`` rows are concatenated
   into ONE weight, so base + LoRA-down of a group is a single GEMM (CUDA default; on CPU fusion
   measured no gain, so by default no weight copies are made). Otherwise the base modules are called as
-  modules (quantized bases keep working). CPU measurement (q/k/v group at SmolLM2 shapes, batch
-  16–256, one thread, CPU time): three separate PopulationLoRA paths cost +30–40 % over the base
-  projections, the fused forms +10–20 %; block-diagonal M ≤ bmm (bmm needs transposes), folding
-  ``Vh_A`` into the base GEMM within noise. Default: block-diagonal.
+  modules (quantized bases keep working). Default: block-diagonal (why: benchmarks/NOTES.md).
 * **CUDA graphs**: on CUDA the decode step (embedding → layers → norm → lm_head into a static logits
   buffer) is captured once per *attention-length bucket* (multiples of ``kv_bucket`` slots: attention
   reads only the filled part of the cache, rounded up) after a warm-up on a side stream, and replayed
@@ -237,7 +234,7 @@ class _Group:
         self._sig = None
 
     # ---- forward
-    def _mix(self, h):
+    def _mix_rows(self, h):
         """The r-dimensional middle, in fp32: (h ⊙ s_A) · M ⊙ s_B; returned in the projections' dtype."""
         h = h.to(self.lora_dtype) * self.sA
         if len(self.wrapped) == 1:
@@ -256,11 +253,11 @@ class _Group:
             y = F.linear(x, self.W, self.b)
             if self.wrapped:
                 base, h = y[..., :self._O], y[..., self._O:]
-                y = base + (self._mix(h) @ self.U_full).to(base.dtype)
+                y = base + (self._mix_rows(h) @ self.U_full).to(base.dtype)
             return list(y.split(self.out_sizes, dim=-1)) if len(self.out_sizes) > 1 else [y]
         outs = [b(x) for b in self.bases]
         if self.wrapped:
-            h = self._mix(x.to(self.io_dtype) @ self.Vh)
+            h = self._mix_rows(x.to(self.io_dtype) @ self.Vh)
             lora = (h @ self.U_wrapped).split(self.wrapped_out, dim=-1)
             for j, l in zip(self.wrapped, lora):
                 outs[j] = outs[j] + l.to(outs[j].dtype)

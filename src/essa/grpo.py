@@ -89,12 +89,6 @@ class GRPORunConfig(RunConfig):
     # -- run
     output_dir: str = help_field("runs/grpo", "run directory: metrics, checkpoints, adapters, summary")
     seed: int = help_field(0, "seed of the data order, the validation split and the sampling")
-    device: str = help_field("auto", "auto | cpu | cuda (one device; for another GPU set CUDA_VISIBLE_DEVICES)")
-    dtype: str = help_field("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 (base weights; LoRA trains in fp32)")
-    quantization: str = help_field("none", "base-weight quantization of the validation/test engine only "
-                                   "(use the same value as the ESSA run you compare with): none | int8 | int4")
-    memory_budget_gb: float | None = help_field(None, "memory the validation engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
-    max_batch_rows: int | None = help_field(None, "cap on rows per validation micro-batch")
 
     def validate(self):
         if not self.adapter:
@@ -199,13 +193,14 @@ class Validator:
     def run(self, adapter_dir, rows: list[dict], prompt_ids=None) -> tuple[dict, list[str]]:
         import torch
 
-        from essa.engine import PopulationEngine
+        from essa.engine import ENGINE_KINDS, PopulationEngine
         from essa.genome import load_genome
 
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
         engine = PopulationEngine(self.model, self.tokenizer, load_genome(adapter_dir), clamp_min=None,
-                                  memory_budget_gb=self.cfg.memory_budget_gb, max_batch_rows=self.cfg.max_batch_rows)
+                                  memory_budget_gb=self.cfg.memory_budget_gb, max_batch_rows=self.cfg.max_batch_rows,
+                                  fast=ENGINE_KINDS[self.cfg.engine])
         ids = prompt_ids if prompt_ids is not None else self.prompt_ids(rows)
         (per_prompt,) = engine.generate(ids, None, self.sampling)
         texts = [s[0].text for s in per_prompt]

@@ -9,11 +9,7 @@ on a model that already has wrappers only their ``.base`` linears are touched.
 
 What is quantized: every ``nn.Linear`` of the model (in a decoder LM: attention q/k/v/o and MLP
 gate/up/down of every block) **except the output embedding** (``lm_head``). The input embedding is
-not a linear and stays as it is. Reasons for keeping ``lm_head`` in full precision, measured on
-SmolLM2-135M-Instruct (teacher-forced top-1 agreement with the fp32 model + a q/k/v/o LoRA, 8 GSM8K
-sequences × 64 tokens): int8 blocks only 97.3 %, int8 blocks + lm_head 95.9 %; and SmolLM2 ties
-``lm_head`` to the input embedding, so quantizing it would untie them and *add* a copy instead of
-saving memory.
+not a linear and stays as it is (why ``lm_head`` stays in full precision: benchmarks/NOTES.md).
 
 Modes (torchao >= 0.18 tensor subclasses, eager mode: no ``torch.compile`` needed):
 
@@ -36,11 +32,7 @@ The quantized linears become ``QuantizedLinear`` (class swapped in place). The p
 should run in the layer's original dtype, ``QuantizedLinear.essa_output_dtype``: for int4 the
 weight's ``dtype`` is bf16 (its scales), even on an fp32 model.
 
-Measured top-1 agreement with the fp32 model (same LoRA on all 7 projections, zero offset, 8 GSM8K
-sequences × 64 tokens, CPU): SmolLM2-135M-Instruct int8 97.1 %, int4 98.0 % (groups of 64: 75.6 %);
-tiny random Llama int8 99.8 %, int4 82.2 %. int4 looks this good on SmolLM2 because the built-in
-weights come from a Q4_1 GGUF (asymmetric int4, groups of 32): int4 with group_size 32 re-quantizes
-them almost exactly. For models with genuine bf16 weights expect int4 to be below int8: measure.
+Agreement of the quantized engines with the fp32 model, measured: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations

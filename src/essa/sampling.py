@@ -9,24 +9,25 @@ completion does not depend on which candidates, rows or micro-batches it was dec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from essa import EssaError
+from essa.config import help_field
 
 
 @dataclass
 class SamplingConfig:
     """How completions are decoded."""
 
-    max_new_tokens: int = field(default=256, metadata={"help": "maximum tokens generated per completion"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 samples from softmax(logits / T)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest token set with this much probability"})
-    num_samples: int = field(default=1, metadata={"help": "completions per (candidate, prompt), for avg@k / pass@k"})
-    seed: int = field(default=0, metadata={"help": "seed of the counter-based sampler"})
-    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings: generation ends after any of them (they are cut from the text)"})
+    max_new_tokens: int = help_field(256, "maximum tokens generated per completion")
+    temperature: float = help_field(0.0, "0 = greedy; > 0 samples from softmax(logits / T)")
+    top_p: float = help_field(1.0, "nucleus sampling: keep the smallest token set with this much probability")
+    num_samples: int = help_field(1, "completions per (candidate, prompt), for avg@k / pass@k")
+    seed: int = help_field(0, "seed of the counter-based sampler")
+    stop: list[str] = help_field([], "stop strings: generation ends after any of them (they are cut from the text)")
 
     def validate(self):
         if self.max_new_tokens < 1 or self.num_samples < 1:

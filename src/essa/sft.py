@@ -22,7 +22,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from essa import EssaError, __version__
 from essa.chat import chat_messages
+from essa.config import help_field
 from essa.files import install_dir, temp_dir_beside
 
 IGNORE_INDEX = -100
@@ -40,68 +41,42 @@ class SFTConfig:
     """Settings of `essa sft` (every field is a CLI flag / YAML key of the same name)."""
 
     def validate(self):
-        _check(self)
+        _validate_sft(self)
 
-    model: str = field(default="smollm2-135m-instruct", metadata={
-        "help": "Base model: a built-in alias (smollm2-135m-instruct), a local HF model folder, or a hub id."})
-    task: str = field(default="gsm8k", metadata={
-        "help": "Task whose system prompt and reference responses are used (gsm8k, math, ...)."})
-    data: str | None = field(default=None, metadata={
-        "help": "Training data: None = the task's SFT split; else a split name of the task, a local .jsonl "
+    model: str = help_field("smollm2-135m-instruct", "Base model: a built-in alias (smollm2-135m-instruct), a local HF model folder, or a hub id.")
+    task: str = help_field("gsm8k", "Task whose system prompt and reference responses are used (gsm8k, math, ...).")
+    data: str | None = help_field(None, "Training data: None = the task's SFT split; else a split name of the task, a local .jsonl "
                 "of {prompt, response} pairs or of records in the task's own format, or an HF dataset id "
-                "(id[:split])."})
-    output_dir: str = field(default="runs/sft", metadata={
-        "help": "Folder for the PEFT adapter, essa_sft_config.json, sft_log.jsonl and tb/ (written atomically)."})
-    overwrite: bool = field(default=False, metadata={
-        "help": "Replace output_dir when it holds an earlier essa sft adapter (otherwise an existing adapter is an error; "
-                "a folder holding anything else is never replaced)."})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={
-        "help": "Names of the linear layers that get a LoRA adapter (the attention projections, as in the paper)."})
-    rank: int = field(default=8, metadata={
-        "help": "LoRA rank r (paper: 8); the ESSA genome has layers x modules x 2 x floor(alpha*r) values."})
-    lora_alpha: float = field(default=16, metadata={
-        "help": "LoRA scaling numerator: the update is (lora_alpha / rank) * B @ A (default 16 = 2 x rank)."})
-    lora_dropout: float = field(default=0.0, metadata={
-        "help": "Dropout on the LoRA input during SFT."})
-    lr: float = field(default=1e-4, metadata={
-        "help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "AdamW weight decay."})
-    scheduler: str = field(default="linear", metadata={
-        "help": "Learning-rate schedule after warmup: 'linear' (decay to 0 at the last step) or 'constant'."})
-    warmup_ratio: float = field(default=0.03, metadata={
-        "help": "Fraction of the optimizer steps with a linear warmup from 0 to lr."})
-    epochs: float = field(default=1, metadata={
-        "help": "Passes over the data (ignored when max_steps is set)."})
-    batch_size: int = field(default=4, metadata={
-        "help": "Examples per forward pass (micro-batch). Activation memory grows with it: about 13 GB at 16 "
-                "x 512 tokens in fp32 for SmolLM2-135M, 4.5 GB at 4."})
-    grad_accum: int = field(default=4, metadata={
-        "help": "Micro-batches per optimizer step; the effective batch is batch_size x grad_accum (default "
+                "(id[:split]).")
+    output_dir: str = help_field("runs/sft", "Folder for the PEFT adapter, essa_sft_config.json, sft_log.jsonl and tb/ (written atomically).")
+    overwrite: bool = help_field(False, "Replace output_dir when it holds an earlier essa sft adapter (otherwise an existing adapter is an error; "
+                "a folder holding anything else is never replaced).")
+    target_modules: list[str] = help_field(["q_proj", "k_proj", "v_proj", "o_proj"], "Names of the linear layers that get a LoRA "
+                                           "adapter (the attention projections, as in the paper).")
+    rank: int = help_field(8, "LoRA rank r (paper: 8); the ESSA genome has layers x modules x 2 x floor(alpha*r) values.")
+    lora_alpha: float = help_field(16, "LoRA scaling numerator: the update is (lora_alpha / rank) * B @ A (default 16 = 2 x rank).")
+    lora_dropout: float = help_field(0.0, "Dropout on the LoRA input during SFT.")
+    lr: float = help_field(1e-4, "Peak AdamW learning rate.")
+    weight_decay: float = help_field(0.0, "AdamW weight decay.")
+    scheduler: str = help_field("linear", "Learning-rate schedule after warmup: 'linear' (decay to 0 at the last step) or 'constant'.")
+    warmup_ratio: float = help_field(0.03, "Fraction of the optimizer steps with a linear warmup from 0 to lr.")
+    epochs: float = help_field(1, "Passes over the data (ignored when max_steps is set).")
+    batch_size: int = help_field(4, "Examples per forward pass (micro-batch). Activation memory grows with it: about 13 GB at 16 "
+                "x 512 tokens in fp32 for SmolLM2-135M, 4.5 GB at 4.")
+    grad_accum: int = help_field(4, "Micro-batches per optimizer step; the effective batch is batch_size x grad_accum (default "
                 "4 x 4 = 16). The loss is the token mean over the whole effective batch, so only memory and "
-                "speed depend on the split."})
-    max_length: int = field(default=512, metadata={
-        "help": "Maximum tokens per example (prompt + response); longer examples are truncated on the right."})
-    max_steps: int | None = field(default=None, metadata={
-        "help": "Stop after this many optimizer steps (None: train for `epochs` full passes)."})
-    limit: int | None = field(default=None, metadata={
-        "help": "Use only the first N rows of the data (None: all rows)."})
-    max_grad_norm: float | None = field(default=1.0, metadata={
-        "help": "Clip the gradient norm to this value (None: no clipping)."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations in the backward pass: much less memory, one extra forward pass of time."})
-    seed: int = field(default=0, metadata={
-        "help": "Seed for the LoRA initialisation and the shuffling of the data."})
-    device: str = field(default="auto", metadata={
-        "help": "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."})
-    dtype: str = field(default="auto", metadata={
-        "help": "Base model dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. LoRA weights stay fp32."})
-    log_every: int = field(default=1, metadata={
-        "help": "Write a line to sft_log.jsonl (and TensorBoard) every N optimizer steps."})
-    tensorboard: bool = field(default=True, metadata={
-        "help": "Also write TensorBoard scalars to output_dir/tb."})
-    progress: bool = field(default=True, metadata={
-        "help": "Show a tqdm progress bar."})
+                "speed depend on the split.")
+    max_length: int = help_field(512, "Maximum tokens per example (prompt + response); longer examples are truncated on the right.")
+    max_steps: int | None = help_field(None, "Stop after this many optimizer steps (None: train for `epochs` full passes).")
+    limit: int | None = help_field(None, "Use only the first N rows of the data (None: all rows).")
+    max_grad_norm: float | None = help_field(1.0, "Clip the gradient norm to this value (None: no clipping).")
+    gradient_checkpointing: bool = help_field(False, "Recompute activations in the backward pass: much less memory, one extra forward pass of time.")
+    seed: int = help_field(0, "Seed for the LoRA initialisation and the shuffling of the data.")
+    device: str = help_field("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    dtype: str = help_field("auto", "Base model dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16. LoRA weights stay fp32.")
+    log_every: int = help_field(1, "Write a line to sft_log.jsonl (and TensorBoard) every N optimizer steps.")
+    tensorboard: bool = help_field(True, "Also write TensorBoard scalars to output_dir/tb.")
+    progress: bool = help_field(True, "Show a tqdm progress bar.")
 
 
 # ---------------------------------------------------------------------------- data
@@ -249,7 +224,7 @@ def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
 
 # ---------------------------------------------------------------------------- training
 
-def _check(cfg: SFTConfig) -> None:
+def _validate_sft(cfg: SFTConfig) -> None:
     if cfg.scheduler not in ("linear", "constant"):
         raise EssaError(f"unknown scheduler {cfg.scheduler!r}; use 'linear' or 'constant'")
     for name in ("batch_size", "grad_accum", "max_length", "log_every"):
@@ -287,7 +262,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     from essa.models import load_model, resolve_model
     from essa.tasks import get_task, load_rows
 
-    _check(cfg)
+    _validate_sft(cfg)
     t0 = time.time()
     task = get_task(cfg.task)
     # SFT reads the response (or the task's reference built from its columns: response_of checks those)

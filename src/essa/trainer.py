@@ -30,7 +30,7 @@ from essa import EssaError
 from essa.chat import chat_prompts
 from essa.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from essa.config import from_dict, help_field, to_dict
-from essa.engine import check_context
+from essa.engine import EngineConfig, check_context
 from essa.evaluate import Selection, build_engine, resolve_system_prompt, validation_score
 from essa.files import (
     abandon_run_dir,
@@ -52,7 +52,7 @@ from essa.tasks import get_task, load_rows, seeded_split, split_rl_data
 
 
 @dataclass
-class RunConfig:
+class RunConfig(EngineConfig):
     """What to align: the fields `essa train` and `essa grpo` share (same meaning in both)."""
 
     model: str = help_field("smollm2-135m-instruct", "base model: alias, hub id or local folder")
@@ -87,9 +87,7 @@ class RunConfig:
             raise EssaError(f"test_num_samples must be >= 1, got {self.test_num_samples}")
         if self.reward_timeout is not None and not (self.reward_timeout > 0):
             raise EssaError(f"reward_timeout must be > 0 seconds or null (no limit), got {self.reward_timeout}")
-        from essa.models import check_device
-
-        check_device(self.device)
+        self.validate_engine()
 
 
 @dataclass
@@ -125,11 +123,6 @@ class TrainConfig(RunConfig):
     # -- run
     output_dir: str = help_field("runs/essa", "run directory: metrics, checkpoints, adapters, report")
     seed: int = help_field(0, "seed of the strategy and the data order")
-    device: str = help_field("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = help_field("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
-    quantization: str = help_field("none", "base-weight quantization for generation: none | int8 | int4")
-    memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, 4 GiB on CPU)")
-    max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
 
     def validate(self):
         if not self.adapter:
@@ -299,8 +292,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
         task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg, inputs)
         val_metric = resolve_val_metric(cfg, task)
         test_rows = load_test_rows(cfg, task)
-        engine = build_engine(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.quantization, cfg.alpha,
-                              cfg.clamp_min, cfg.memory_budget_gb, cfg.max_batch_rows, balance=cfg.balance)
+        engine = build_engine(cfg.model, cfg.adapter, cfg, cfg.alpha, cfg.clamp_min, balance=cfg.balance)
         tok = engine.tokenizer
         train_ids = chat_prompts(tok, [r["prompt"] for r in train_rows], system_prompt)
         val_ids = chat_prompts(tok, [r["prompt"] for r in val_rows], system_prompt)
