@@ -14,7 +14,7 @@ import torch
 from essa import EssaError
 from essa.chat import chat_prompts
 from essa.engine import PopulationEngine
-from essa.fast_decode import FastDecoder, unsupported_reason
+from essa.fast_decode import DecoderNet, FastDecoder, unsupported_reason
 from essa.genome import load_genome
 from essa.models import load_model
 from essa.sampling import SamplingConfig
@@ -191,14 +191,14 @@ def test_base_model_without_genome(tiny):
 def test_oom_in_fast_path_halves_the_batch(tiny, monkeypatch):
     model, tok, genome, cands, prompts, ref, _ = tiny
     fast = engine(model, tok, genome, fast=True, **STATIC)
-    real = FastDecoder._forward
+    real = DecoderNet.forward
 
     def flaky(self, sess, x, *a, **kw):
         if x.shape[0] > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, sess, x, *a, **kw)
 
-    monkeypatch.setattr(FastDecoder, "_forward", flaky)
+    monkeypatch.setattr(DecoderNet, "forward", flaky)
     assert dump(fast.generate(prompts, cands, SamplingConfig(max_new_tokens=24))) == dump(ref)
     assert fast.stats.oom_retries >= 2
 

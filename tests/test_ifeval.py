@@ -194,8 +194,8 @@ def test_generator_is_deterministic_and_checkable():
     assert a == make_ifeval_like(120, seed=7)
     assert a != make_ifeval_like(120, seed=8)
     assert len(a) == 120 and len({r["key"] for r in a}) == 120
-    from essa.tasks.ifeval_data import _conflicts
-    conflicts = _conflicts()
+    from essa.tasks.ifeval_data import conflicts as all_conflicts
+    conflicts = all_conflicts()
     test_prompts = {r["prompt"].strip() for r in ifeval_rows("test")}
     for r in a:
         assert 1 <= len(r["instruction_id_list"]) <= 3

@@ -102,16 +102,16 @@ def test_real_model_eval_cli(real_model_name, tmp_path, capsys):
 
 
 def test_cli_flags_parse_like_yaml():
-    from essa.cli import _build, build_parser
+    from essa.cli import build_config, build_parser
     from essa.sft import SFTConfig
 
     args = build_parser().parse_args(["sft", "--lr", "2e-4", "--max-steps", "3", "--target-modules", "[q_proj, v_proj]",
                                       "--set", "rank=4"])
-    cfg = _build(SFTConfig, args)
+    cfg = build_config(SFTConfig, args)
     assert (cfg.lr, cfg.max_steps, cfg.target_modules, cfg.rank) == (2e-4, 3, ["q_proj", "v_proj"], 4)
     bad = build_parser().parse_args(["sft", "--rank", "eight"])
     with pytest.raises(EssaError, match="rank must be int"):
-        _build(SFTConfig, bad)
+        build_config(SFTConfig, bad)
 
 
 def test_shipped_configs_parse():

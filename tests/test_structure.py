@@ -76,3 +76,13 @@ def test_one_rule_for_the_system_turn(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     assert chat_prompts(tok, ["hi"], "") == chat_prompts(tok, ["hi"], None)
     assert chat_prompts(tok, ["hi"], "Be brief.") != chat_prompts(tok, ["hi"], None)
+
+
+def test_tests_use_only_public_names():
+    """Tests exercise the public surface: no private name imported from an essa module."""
+    import re
+
+    tests = Path(__file__).parent
+    bad = [(p.name, m.group(0)) for p in tests.glob("test_*.py")
+           for m in re.finditer(r"from essa[\w.]* import [^\n]*\b_[a-z]\w*", p.read_text())]
+    assert not bad, bad

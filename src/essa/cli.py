@@ -30,7 +30,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
                         help="override a config field (dotted keys for sections, e.g. generation.max_new_tokens=64), repeatable")
 
 
-def _build(cls, args) -> typing.Any:
+def build_config(cls, args) -> typing.Any:
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)}
     for name in names:
@@ -47,7 +47,7 @@ def _build(cls, args) -> typing.Any:
 def cmd_sft(args):
     from essa.sft import SFTConfig, run_sft
 
-    out = run_sft(_build(SFTConfig, args))
+    out = run_sft(build_config(SFTConfig, args))
     print(json.dumps({"adapter": str(out)}))
 
 
@@ -60,7 +60,7 @@ def cmd_genome_info(args):
 def cmd_eval(args):
     from essa.evaluate import EvalConfig, run_eval
 
-    print(json.dumps(run_eval(_build(EvalConfig, args)), indent=2))
+    print(json.dumps(run_eval(build_config(EvalConfig, args)), indent=2))
 
 
 def cmd_train(args):
@@ -73,14 +73,14 @@ def cmd_train(args):
                             "field flags (or start a new run with them)")
         summary = resume(args.resume)
     else:
-        summary = train(_build(TrainConfig, args))
+        summary = train(build_config(TrainConfig, args))
     print(json.dumps(summary, indent=2))
 
 
 def cmd_grpo(args):
     from essa.grpo import GRPORunConfig, run_grpo
 
-    print(json.dumps(run_grpo(_build(GRPORunConfig, args)), indent=2))
+    print(json.dumps(run_grpo(build_config(GRPORunConfig, args)), indent=2))
 
 
 def cmd_compare(args):

@@ -43,6 +43,10 @@ runs the same network from the same weights with a fixed-shape step instead:
   steps late. The root session (cache + graphs) is kept for the next micro-batch with the same N whose
   length fits (``T_need ≤ T_alloc ≤ T_need + 2·kv_bucket``); ``release()`` frees it.
 
+Structure: ``DecoderNet`` is the network (weights, projection groups, fusion, the forward of a prefill
+or of one decode step into a session's buffers); ``_Session`` holds the buffers of one batch shape;
+``FastDecoder`` owns sessions, CUDA graphs, row compaction and the decode loop.
+
 Supported: ``model_type`` llama, qwen2 (q/k/v biases), mistral; rope types without run-time
 frequency updates (not dynamic/longrope); sliding windows only when the whole sequence fits inside the
 window (then they mask nothing); genome modules among q/k/v/o/gate/up/down of the decoder layers.
@@ -273,14 +277,14 @@ class _Session:
     storage: compaction moves the live rows to the front in place, so it needs no extra KV memory).
     """
 
-    def __init__(self, dec: "FastDecoder", N: int, T_alloc: int, root: "_Session | None" = None):
-        dev, dt = dec.device, dec.dtype
+    def __init__(self, net: "DecoderNet", N: int, T_alloc: int, root: "_Session | None" = None):
+        dev, dt = net.device, net.dtype
         # No reference cycles: a dropped session (GBs of KV cache) must be freed at once by reference
         # counting, not whenever Python's cyclic GC next runs (a child refers to its root weakly).
         self.N, self.T_alloc, self._root = N, T_alloc, None if root is None else weakref.ref(root)
         if root is None:
-            self.cache = torch.zeros(dec.n_layers, 2, N, dec.kv_heads, T_alloc, dec.head_dim, dtype=dt, device=dev)
-            self.logits = torch.empty(N, dec.vocab_out, dtype=dec.logits_dtype, device=dev)
+            self.cache = torch.zeros(net.n_layers, 2, N, net.kv_heads, T_alloc, net.head_dim, dtype=dt, device=dev)
+            self.logits = torch.empty(N, net.vocab_out, dtype=net.logits_dtype, device=dev)
             self.slot = torch.zeros(1, dtype=torch.long, device=dev)
             self.ar = torch.arange(T_alloc, device=dev)
             self.children: dict[int, _Session] = {}
@@ -293,7 +297,7 @@ class _Session:
         self.pos = torch.zeros(N, 1, dtype=torch.long, device=dev)
         self.key_valid = torch.ones(N, T_alloc, dtype=torch.bool, device=dev)
         self.s = {}  # group id -> (sA, sB) buffers [N, 1, G·r]
-        for g in dec.lora_groups:
+        for g in net.lora_groups:
             Gr = g.Vh.shape[1]
             self.s[id(g)] = (torch.ones(N, 1, Gr, dtype=g.lora_dtype, device=dev),
                              torch.ones(N, 1, Gr, dtype=g.lora_dtype, device=dev))
@@ -303,27 +307,27 @@ class _Session:
     def root(self) -> "_Session":
         return self if self._root is None else self._root()
 
-    def child(self, dec: "FastDecoder", N: int, keep: bool) -> "_Session":
+    def child(self, net: "DecoderNet", N: int, keep: bool) -> "_Session":
         root = self.root
         c = root.children.get(N) if keep else None
         if c is None:
-            c = _Session(dec, N, root.T_alloc, root)
+            c = _Session(net, N, root.T_alloc, root)
             if keep:
                 root.children[N] = c
         return c
 
-    def bind(self, dec: "FastDecoder"):
-        for g in dec.lora_groups:
+    def bind(self, net: "DecoderNet"):
+        for g in net.lora_groups:
             g.sA, g.sB = self.s[id(g)]
 
 
-class FastDecoder:
-    """The fast decode path for one model (and the engine's installed ``PopulationLoRA`` wrappers)."""
+class DecoderNet:
+    """The network of the fast path, as plain tensor code: one model's weights (and the engine's installed
+    ``PopulationLoRA`` wrappers, grouped and optionally fused) and the forward of a prefill or one decode
+    step into a session's static buffers. It owns no buffers, sessions, graphs or rows (`FastDecoder` does)."""
 
     def __init__(self, model, wrappers: Sequence[nn.Module] = (), *, lora_mix: str = "blockdiag",
-                 attention: str | None = None, fuse_budget_bytes: int | None = None,
-                 static_shapes: bool | None = None, cuda_graphs: bool | None = None, kv_bucket: int = 64,
-                 check_every: int | None = None, min_graph_rows: int = 64):
+                 attention: str | None = None, fuse_budget_bytes: int | None = None):
         reason = unsupported_reason(model, wrappers)
         if reason is not None:
             raise EssaError(f"the fast decode path does not support this model: {reason}; use fast=False")
@@ -347,17 +351,9 @@ class FastDecoder:
         self.vocab_out = lm.weight.shape[0] if hasattr(lm, "weight") else cfg.vocab_size
         self.logits_dtype = lm.weight.dtype if hasattr(lm, "weight") and lm.weight.is_floating_point() else self.dtype
         self._lm_plain = _plain_linear(lm) and lm.bias is None
-        on_cuda = self.device.type == "cuda"
         self.attention = attention or os.environ.get("ESSA_FAST_ATTENTION") or _pick_attention(self.device)
         if self.attention not in ("sdpa", "grouped"):
             raise EssaError(f"attention must be 'sdpa' or 'grouped', got {self.attention!r}")
-        # static shapes (the CUDA policy; settable on CPU so tests exercise it): attention over kv buckets,
-        # batch shrinks by powers of 2, sessions kept for the next micro-batch, tokens read lagged
-        self.static = on_cuda if static_shapes is None else bool(static_shapes)
-        self.cuda_graphs = self.static and on_cuda and cuda_graphs is not False
-        self.kv_bucket = max(1, int(kv_bucket))
-        self.check_every = max(1, int(check_every or (8 if self.static else 1)))
-        self.min_graph_rows = max(1, int(min_graph_rows))
         wrapper_index = {id(w): i for i, w in enumerate(wrappers)}
         self.layers = []
         for layer in inner.layers:
@@ -371,8 +367,7 @@ class FastDecoder:
             fuse_budget_bytes = _default_fuse_budget(self.device)
         self.fuse_budget_bytes = fuse_budget_bytes
         self._plan_fusion()
-        self._session: _Session | None = None
-        self._graph_failed = False
+
 
     # ---- fusion plan: q/k/v and gate/up first (launches saved), then o/down (LoRA down-projection folded)
     def _plan_fusion(self):
@@ -394,7 +389,7 @@ class FastDecoder:
                 g.unfuse()
 
     # ---- the network
-    def _forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None):
+    def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None):
         """x: [N, t, hidden] embeddings → [N, hidden] final-normed hidden state of the last position."""
         N, t, _ = x.shape
         H, KV, hd = self.n_heads, self.kv_heads, self.head_dim
@@ -414,7 +409,7 @@ class FastDecoder:
             else:
                 kc.index_copy_(2, sess.slot, k)
                 vc.index_copy_(2, sess.slot, v)
-                a = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
+                a = self.attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
             a = a.transpose(1, 2).reshape(N, t, H * hd)
             x = x + o(a)[0]
             h = layer.post_attention_layernorm(x)
@@ -422,7 +417,7 @@ class FastDecoder:
             x = x + down(layer.mlp.act_fn(g) * u)[0]
         return self.inner.norm(x[:, -1:])
 
-    def _attend(self, q, k, v, mask):
+    def attend(self, q, k, v, mask):
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                                   enable_gqa=self.n_heads != self.kv_heads)
@@ -434,7 +429,7 @@ class FastDecoder:
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p, v).reshape(N, H, 1, hd)
 
-    def _logits(self, sess: _Session, h):
+    def logits(self, sess: _Session, h):
         h = h[:, 0]
         if self._lm_plain:
             torch.matmul(h, self.model.lm_head.weight.t(), out=sess.logits)
@@ -442,13 +437,48 @@ class FastDecoder:
             sess.logits.copy_(self.model.lm_head(h))
         return sess.logits
 
-    def _step(self, sess: _Session, kv_len: int):
+    def step(self, sess: _Session, kv_len: int):
         """One decode step from the static buffers: tok at slot → logits. Graph-capturable."""
         x = self.inner.embed_tokens(sess.tok)
         cos, sin = self.inner.rotary_emb(x, sess.pos)
         ar = sess.ar[:kv_len]
         mask = (sess.key_valid[:, :kv_len] & (ar <= sess.slot)).view(sess.N, 1, 1, kv_len)
-        return self._logits(sess, self._forward(sess, x, cos, sin, mask, kv_len, None))
+        return self.logits(sess, self.forward(sess, x, cos, sin, mask, kv_len, None))
+
+    def prefill(self, sess: _Session, ids, valid, T: int):
+        """The left-padded prompts [N, T] into the session's cache → logits of the last position.
+        Mask: causal ∧ key-valid, plus the diagonal (a pad query sees itself: no fully masked row)."""
+        dev = self.device
+        position = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(x, position)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+        logits = self.logits(sess, self.forward(sess, x, cos, sin, mask[:, None], None, T))
+        sess.pos.copy_(position[:, -1:] + 1)
+        return logits
+
+
+class FastDecoder:
+    """The fast decode path for one model: a `DecoderNet` run over static sessions (KV cache and step
+    buffers per batch shape), CUDA graphs of its decode step, and row compaction, in the decode loop."""
+
+    def __init__(self, model, wrappers: Sequence[nn.Module] = (), *, lora_mix: str = "blockdiag",
+                 attention: str | None = None, fuse_budget_bytes: int | None = None,
+                 static_shapes: bool | None = None, cuda_graphs: bool | None = None, kv_bucket: int = 64,
+                 check_every: int | None = None, min_graph_rows: int = 64):
+        self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes)
+        self.device = self.net.device
+        on_cuda = self.device.type == "cuda"
+        # static shapes (the CUDA policy; settable on CPU so tests exercise it): attention over kv buckets,
+        # batch shrinks by powers of 2, sessions kept for the next micro-batch, tokens read lagged
+        self.static = on_cuda if static_shapes is None else bool(static_shapes)
+        self.cuda_graphs = self.static and on_cuda and cuda_graphs is not False
+        self.kv_bucket = max(1, int(kv_bucket))
+        self.check_every = max(1, int(check_every or (8 if self.static else 1)))
+        self.min_graph_rows = max(1, int(min_graph_rows))
+        self._session: _Session | None = None
+        self._graph_failed = False
 
     def _kv_len(self, cur: int, T_alloc: int) -> int:
         if not self.static:
@@ -457,7 +487,7 @@ class FastDecoder:
 
     def _run_step(self, sess: _Session, kv_len: int):
         if not self.cuda_graphs or self._graph_failed:  # eager
-            return self._step(sess, kv_len)
+            return self.net.step(sess, kv_len)
         entry = sess.graphs.get(kv_len)
         if entry is None:
             try:
@@ -469,7 +499,7 @@ class FastDecoder:
                               f"decoding without graphs", RuntimeWarning, stacklevel=2)
                 self._graph_failed = True
                 torch.cuda.synchronize(self.device)
-                return self._step(sess, kv_len)
+                return self.net.step(sess, kv_len)
             sess.graphs[kv_len] = entry
         entry[0].replay()
         return sess.logits
@@ -480,14 +510,14 @@ class FastDecoder:
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for _ in range(2):
-                self._step(sess, kv_len)
+                self.net.step(sess, kv_len)
         torch.cuda.current_stream(self.device).wait_stream(s)
         root = sess.root
         if root.pool is None:
             root.pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=root.pool):
-            self._step(sess, kv_len)
+            self.net.step(sess, kv_len)
         return (g,)
 
     # ---- sessions
@@ -501,7 +531,7 @@ class FastDecoder:
         self._session = None  # free the old one first (its KV cache counts against the budget)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        sess = _Session(self, N, T_alloc)
+        sess = _Session(self.net, N, T_alloc)
         if self.static:
             self._session = sess
         return sess
@@ -512,7 +542,7 @@ class FastDecoder:
 
     def can_run(self, total_len: int) -> bool:
         """Whether a micro-batch of prompt+generation length ``total_len`` fits the supported cases."""
-        return all(w is None or total_len <= w for w in self.windows)
+        return all(w is None or total_len <= w for w in self.net.windows)
 
     # ---- the decode loop (the engine's _decode contract)
     def decode(self, chunk, prompt_ids, s_A, s_B, cfg, tracker: EndTracker, pad_id: int, stats):
@@ -520,7 +550,7 @@ class FastDecoder:
         ``stats`` (the engine's GenerationStats) counts prompt and slot tokens."""
         lens = [len(prompt_ids[p]) for _, p, _ in chunk]
         T = max(lens)
-        self.refresh()
+        self.net.refresh()
         try:
             sess = self._get_session(len(chunk), T + max(cfg.max_new_tokens - 1, 1))
             self._decode(sess, chunk, prompt_ids, lens, T, s_A, s_B, cfg, tracker, pad_id, stats)
@@ -528,7 +558,7 @@ class FastDecoder:
             self._session = None  # buffers may be half-written; an OOM must free everything
             raise
         finally:
-            for g in self.lora_groups:
+            for g in self.net.lora_groups:
                 g.sA = g.sB = None
 
     def _decode(self, sess: _Session, chunk, prompt_ids, lens, T, s_A, s_B, cfg, tracker: EndTracker, pad_id: int, stats):
@@ -537,13 +567,13 @@ class FastDecoder:
         ids, valid = left_pad([prompt_ids[p] for _, p, _ in chunk], pad_id)
         ids, valid = ids.to(dev), valid.to(dev)
         keys = row_keys(chunk, cfg.num_samples).to(dev)
-        sess.bind(self)
-        if self.lora_groups:
+        sess.bind(self.net)
+        if self.net.lora_groups:
             if s_A is None:
                 raise EssaError("the fast decoder has LoRA wrappers but got no singular values")
             cand = torch.tensor([k for k, _, _ in chunk], dtype=torch.long, device=s_A.device)
             rA, rB = s_A[cand], s_B[cand]                                  # [N, M, r]
-            for g in self.lora_groups:
+            for g in self.net.lora_groups:
                 a, b = sess.s[id(g)]
                 a.copy_(rA[:, g.genome_idx].reshape(N, 1, -1))
                 b.copy_(rB[:, g.genome_idx].reshape(N, 1, -1))
@@ -554,15 +584,8 @@ class FastDecoder:
             sess.cache[:, :, :, :, T:].zero_()
         sess.fresh = False
 
-        # prefill: causal ∧ key-valid, plus the diagonal (a pad query sees itself: no fully masked row)
-        position = (valid.long().cumsum(-1) - 1).clamp_min(0)
-        x = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(x, position)
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
-        logits = self._logits(sess, self._forward(sess, x, cos, sin, mask[:, None], None, T))
-        del x, cos, sin, mask, ids
-        sess.pos.copy_(position[:, -1:] + 1)
+        logits = self.net.prefill(sess, ids, valid, T)
+        del ids
 
         gen = torch.full((N + 1, max_new), pad_id, dtype=torch.long, device=dev)  # row N: filler rows
         rows = list(range(N))             # original row of each session row (N: a filler row)
@@ -639,14 +662,14 @@ class FastDecoder:
         for i, k in enumerate(keep):  # ascending, k >= i: a source row is never overwritten before it is read
             if i != k:
                 cache[:, :, i].copy_(cache[:, :, k])
-        new = sess.child(self, n, keep=self.static)
+        new = sess.child(self.net, n, keep=self.static)
         idx_dev = torch.tensor(idx, dtype=torch.long, device=self.device)
         new.pos.copy_(sess.pos[idx_dev])
         new.key_valid.copy_(sess.key_valid[idx_dev])
-        for g in self.lora_groups:
+        for g in self.net.lora_groups:
             for dst, src in zip(new.s[id(g)], sess.s[id(g)]):
                 dst.copy_(src[idx_dev])
-        new.bind(self)
+        new.bind(self.net)
         N = len(tracker.finished)
         new_rows = [rows[k] for k in keep] + [N] * (n - len(keep))
         return new, new_rows, idx

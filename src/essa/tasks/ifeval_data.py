@@ -137,7 +137,7 @@ def _bases(rng: random.Random) -> dict[str, list[str]]:
     return pools
 
 
-def _conflicts() -> dict[str, set[str]]:
+def conflicts() -> dict[str, set[str]]:
     from essa.tasks.ifeval_checks import checkers
 
     conf = {k: set(v) for k, v in checkers().conflicts.items()}
@@ -200,7 +200,7 @@ def make_ifeval_like(n: int, seed: int) -> list[dict]:
     from essa.tasks.ifeval_checks import checkers
 
     ids = sorted(checkers().INSTRUCTION_DICT)
-    conflicts = _conflicts()
+    conflict_map = conflicts()
     rng = random.Random(seed)
     pools = _bases(rng)
     cursor = {k: 0 for k in pools}
@@ -218,7 +218,7 @@ def make_ifeval_like(n: int, seed: int) -> list[dict]:
             chosen = []
             candidates = [x for x in ids if x != _CONSTRAINED]
             while len(chosen) < k:
-                candidates = [x for x in candidates if not any(x in conflicts[c] for c in chosen)]
+                candidates = [x for x in candidates if not any(x in conflict_map[c] for c in chosen)]
                 if not candidates:
                     break
                 chosen.append(rng.choice(candidates))
