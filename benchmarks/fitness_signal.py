@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--temperature", type=float, default=0.7, help="the sampled mode's temperature")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", nargs="+", default=["greedy", "sampled"], choices=["greedy", "sampled"])
     args = ap.parse_args()
 
     from scipy.stats import f as f_dist
@@ -78,6 +79,8 @@ def main():
            "task": args.task, "candidates": args.candidates, "batches": args.batches, "batch_size": args.batch_size,
            "sigma": args.sigma, "max_new_tokens": args.max_new_tokens, "modes": {}}
     for mode, temp in (("greedy", 0.0), ("sampled", args.temperature)):
+        if mode not in args.modes:
+            continue
         t0 = time.perf_counter()
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=temp, top_p=1.0, seed=args.seed)
         fit = np.zeros((args.batches, args.candidates))
