@@ -17,3 +17,11 @@ def random_adapter(model, path, seed=0, std=None, rank=8, targets=("q_proj", "k_
                 torch.nn.init.normal_(p, std=std)
     pm.save_pretrained(path)
     return path
+
+
+def tiny_sft_adapter(model_dir, path):
+    """The rank-4 q/v LoRA the training tests start from: a random adapter for the tiny model in ``model_dir``."""
+    from essa.models import load_model
+
+    model, _ = load_model(model_dir, device="cpu", dtype="float32")
+    return random_adapter(model, path, rank=4, targets=("q_proj", "v_proj"))

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from essa import ESSAConfig, EssaError, ESSATrainer
 from essa.models import load_model
-from helpers import random_adapter
+from helpers import tiny_sft_adapter
 
 SEEN: list[dict] = []
 
@@ -31,8 +31,7 @@ def length(completions, **kwargs):
 @pytest.fixture(scope="module")
 def sft(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    model, _ = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    random_adapter(model, root / "sft", rank=4, targets=("q_proj", "v_proj"))
+    tiny_sft_adapter(tiny_model_dir, root / "sft")
     cfg = json.loads((root / "sft" / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = tiny_model_dir
     (root / "sft" / "adapter_config.json").write_text(json.dumps(cfg))
@@ -61,7 +60,10 @@ def test_trl_shaped_training_with_a_conversational_dataset(sft):
     call = SEEN[0]
     assert call["prompts"][0][-1]["role"] == "user" and call["completions"][0][0]["role"] == "assistant"
     assert call["target"][0] in {r["target"] for r in rows}                       # extra columns reach the reward
+    with pytest.raises(EssaError, match="never replaced"):  # the user's SFT adapter is not an essa export
+        trainer.save_model(str(sft / "sft"))
     out = trainer.save_model(str(sft / "saved"))
+    assert trainer.save_model(str(out)) == out  # an earlier export may be replaced
     base, _ = load_model(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"], device="cpu")
     assert isinstance(PeftModel.from_pretrained(base, str(out)), PeftModel)
 

@@ -16,8 +16,7 @@ import yaml
 from safetensors.torch import save_file
 
 from essa.cli import main
-from essa.models import load_model
-from helpers import random_adapter
+from helpers import tiny_sft_adapter
 
 GOOD_ROWS = [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(12)]
 
@@ -42,8 +41,7 @@ def _jsonl(path: Path, rows) -> str:
 def ws(tiny_model_dir, tmp_path_factory):
     """A workspace of good and bad inputs, shared by every case (the cases must not change it)."""
     root = tmp_path_factory.mktemp("bad-inputs")
-    model, _ = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    random_adapter(model, root / "sft", rank=4, targets=("q_proj", "v_proj"))
+    tiny_sft_adapter(tiny_model_dir, root / "sft")
     (root / "rewards_bad_inputs.py").write_text(REWARDS)
     _jsonl(root / "good.jsonl", GOOD_ROWS)
     base = {"model": tiny_model_dir, "adapter": str(root / "sft"), "task": "gsm8k", "train_data": str(root / "good.jsonl"),

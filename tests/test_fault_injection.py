@@ -22,9 +22,8 @@ from safetensors.torch import load_file
 from essa.checkpoint import load_checkpoint
 from essa.config import from_dict
 from essa.files import run_kind
-from essa.models import load_model
 from essa.trainer import TrainConfig, train
-from helpers import random_adapter
+from helpers import tiny_sft_adapter
 
 REWARD = '''
 def vowels(prompts, completions, **columns):
@@ -83,8 +82,7 @@ def world(tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("faults")
     shutil.copytree(tiny_model_dir, root / "model")
-    model, _ = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    random_adapter(model, root / "sft", rank=4, targets=("q_proj", "v_proj"))
+    tiny_sft_adapter(tiny_model_dir, root / "sft")
     (root / "fault_rewards.py").write_text(REWARD)
     ref = train(from_dict(TrainConfig, _cfg(root, "ref")))
     return root, _outcome(Path(ref["run_dir"]))

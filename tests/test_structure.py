@@ -68,14 +68,16 @@ def test_one_rule_for_the_system_turn(tiny_model_dir):
     """None or "" adds no system turn, in generation prompts and SFT examples alike."""
     from essa.chat import chat_messages, chat_prompts
     from essa.models import load_tokenizer
-    from essa.sft import build_messages
+    from essa.sft import encode_example
 
     assert chat_messages("hi", "") == chat_messages("hi", None) == [{"role": "user", "content": "hi"}]
-    assert build_messages("hi", "ok", "") == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     assert chat_messages("hi", "Be brief.")[0] == {"role": "system", "content": "Be brief."}
     tok = load_tokenizer(tiny_model_dir)
     assert chat_prompts(tok, ["hi"], "") == chat_prompts(tok, ["hi"], None)
     assert chat_prompts(tok, ["hi"], "Be brief.") != chat_prompts(tok, ["hi"], None)
+    # SFT renders its examples with the same rule: "" trains exactly like no system prompt
+    assert encode_example(tok, "hi", "ok", "", 64) == encode_example(tok, "hi", "ok", None, 64)
+    assert encode_example(tok, "hi", "ok", "Be brief.", 64) != encode_example(tok, "hi", "ok", None, 64)
 
 
 def test_tests_use_only_public_names():

@@ -19,7 +19,7 @@ from essa.cli import main
 from essa.config import from_dict
 from essa.models import load_model
 from essa.trainer import TrainConfig, train
-from helpers import random_adapter
+from helpers import tiny_sft_adapter
 
 REWARD = '''
 def vowel_fraction(prompts, completions, **columns):
@@ -36,8 +36,7 @@ def flaky(prompts, completions, **columns):
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
-    model, _ = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    random_adapter(model, root / "sft", rank=4, targets=("q_proj", "v_proj"))
+    tiny_sft_adapter(tiny_model_dir, root / "sft")
     (root / "rewards_for_tests.py").write_text(REWARD)
     return root, tiny_model_dir
 

@@ -153,8 +153,9 @@ class ESSATrainer:
             raise EssaError("nothing to save yet; call trainer.train() first")
         src = Path(self.summary["adapters"][which])
         out = Path(output_dir or Path(self.args.output_dir) / "model")
-        if out.exists() and any(out.iterdir()) and not (out / "adapter_config.json").exists():
-            raise EssaError(f"{out} is not empty and holds no adapter; choose another output_dir (nothing was changed)")
+        if out.exists() and any(out.iterdir()) and not (out / "essa_genome.json").exists():
+            raise EssaError(f"{out} is not empty and holds no adapter saved by essa (an SFT adapter or other files are "
+                            f"never replaced); choose another output_dir (nothing was changed)")
         tmp = temp_dir_beside(out)
         try:
             shutil.copytree(src, tmp, dirs_exist_ok=True)

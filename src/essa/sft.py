@@ -81,10 +81,6 @@ class SFTConfig:
 
 # ---------------------------------------------------------------------------- data
 
-def build_messages(prompt: str, response: str | None, system_prompt: str | None) -> list[dict]:
-    return chat_messages(prompt, system_prompt, response)
-
-
 def response_of(row: dict, task) -> str:
     """The SFT target of a row: its "response" field, else the task's reference response."""
     if row.get("response") is not None:
@@ -116,8 +112,8 @@ def encode_example(tok, prompt: str, response: str, system_prompt: str | None, m
     is again what inference produces). Everything after the last eos token of the completion (e.g. the
     template's trailing newline) is dropped, so the response ends with the end-of-turn token.
     """
-    prompt_text = _render(tok, build_messages(prompt, None, system_prompt), add_generation_prompt=True)
-    full_text = _render(tok, build_messages(prompt, response, system_prompt))
+    prompt_text = _render(tok, chat_messages(prompt, system_prompt), add_generation_prompt=True)
+    full_text = _render(tok, chat_messages(prompt, system_prompt, response))
     if not full_text.startswith(prompt_text):
         raise EssaError("the chat template renders the prompt differently when an assistant turn follows; "
                         "use a model whose chat template appends the answer after the generation prompt")

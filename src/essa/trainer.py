@@ -298,9 +298,8 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
         val_ids = chat_prompts(tok, [r["prompt"] for r in val_rows], system_prompt)
         check_context(engine.model, train_ids, cfg.generation.max_new_tokens, "training")
         check_context(engine.model, val_ids, cfg.generation.max_new_tokens, "validation")
-        if test_rows is not None:
-            check_context(engine.model, chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt),
-                          cfg.generation.max_new_tokens, "test")
+        test_ids = chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt) if test_rows is not None else []
+        check_context(engine.model, test_ids, cfg.generation.max_new_tokens, "test")
         if fresh:
             mark_run_dir(run_dir, "train", to_dict(cfg))
     except BaseException:
@@ -463,7 +462,6 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
                "wall_seconds": round(state.wall_seconds, 2), "tokens_generated": state.tokens,
                "invalid_rewards": state.invalid_rewards, "adapters": {"best": str(best_dir), "final": str(final_dir)}}
     if test_rows is not None:
-        test_ids = chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt)
         outs = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]), greedy_val)
         summary["test_metric"] = val_metric
         for name, per_prompt in zip(("sft", "best", "final"), outs):
