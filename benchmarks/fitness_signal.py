@@ -62,7 +62,7 @@ def main():
 
     from essa.chat import chat_prompts
     from essa.engine import EngineConfig
-    from essa.evaluate import build_engine
+    from essa.engine import build_engine
     from essa.rewards import score_completions
     from essa.sampling import SamplingConfig
     from essa.tasks import get_task, load_rows

@@ -17,14 +17,18 @@ from essa import EssaError
 from essa.config import apply_overrides, from_dict, help_text, load_yaml
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per top-level scalar/list field of a config dataclass (values parsed as YAML)."""
+def _add_fields(parser: argparse.ArgumentParser, cls, section: str = "") -> None:
+    """One --flag per field of a config dataclass (values parsed as YAML); a section's fields as
+    --section-field (``--distributed-workers 2`` sets distributed.workers)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
+            _add_fields(parser, hints[f.name], section=f"{section}{f.name}.")
             continue
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                            metavar="VALUE", help=f.metadata.get("help", "").replace("%", "%%"))
+        parser.add_argument(f"--{(section + f.name).replace('_', '-').replace('.', '-')}", dest=section + f.name,
+                            default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata.get("help", "").replace("%", "%%"))
+    if section:
+        return
     parser.add_argument("--config", help="YAML file with any of these fields (see configs/; flags and --set override it)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (dotted keys for sections, e.g. generation.max_new_tokens=64), repeatable")
@@ -32,14 +36,18 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
 
 def build_config(cls, args) -> typing.Any:
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    for name in names:
-        if name in vars(args):
-            raw = getattr(args, name)
+    flags = []
+    for name, raw in vars(args).items():
+        if name.split(".")[0] in {f.name for f in dataclasses.fields(cls)}:
             try:
-                data[name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+                value = yaml.safe_load(raw) if isinstance(raw, str) else raw
             except yaml.YAMLError:
-                raise EssaError(f"--{name.replace('_', '-')} {raw!r} is not a YAML value; quote it") from None
+                raise EssaError(f"--{name.replace('_', '-').replace('.', '-')} {raw!r} is not a YAML value; quote it") from None
+            flags.append((name, value))
+    for name, value in flags:
+        if "." not in name:
+            data[name] = value
+    data = apply_overrides(data, [f"{name}={json.dumps(value)}" for name, value in flags if "." in name])
     data = apply_overrides(data, getattr(args, "set", []))
     return from_dict(cls, data)
 
@@ -67,11 +75,15 @@ def cmd_train(args):
     from essa.trainer import TrainConfig, resume, train
 
     if args.resume:
-        given = [f.name for f in dataclasses.fields(TrainConfig) if f.name in vars(args)]
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        given = [n for n in vars(args) if n.split(".")[0] in fields and not n.startswith("distributed.")]
         if args.config or args.set or given:
             raise EssaError("--resume continues a run with the settings it was started with; drop --config/--set and "
-                            "field flags (or start a new run with them)")
-        summary = resume(args.resume)
+                            "field flags except --distributed-* (or start a new run with them)")
+        # where it runs may change (fewer workers after a lost node, another cluster): the results do not depend on it
+        distributed = {n.partition(".")[2]: yaml.safe_load(v) if isinstance(v, str) else v
+                       for n, v in vars(args).items() if n.startswith("distributed.")}
+        summary = resume(args.resume, distributed)
     else:
         summary = train(build_config(TrainConfig, args))
     print(json.dumps(summary, indent=2))
@@ -111,7 +123,7 @@ def cmd_data_ifeval_like(args):
     rows = make_ifeval_like(args.n, args.seed)
     if args.responses:
         from essa.chat import chat_prompts
-        from essa.evaluate import build_engine
+        from essa.engine import build_engine
         from essa.sampling import SamplingConfig
 
         engine = build_engine(args.model, None)

@@ -64,6 +64,13 @@ class EngineConfig:
             raise EssaError(f"max_batch_rows must be >= 1 (or null), got {self.max_batch_rows}")
 
 
+def engine_settings(cfg) -> EngineConfig:
+    """The :class:`EngineConfig` part of a config that extends it (`essa train`, `essa eval`)."""
+    import dataclasses
+
+    return EngineConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
 #: engine kind -> PopulationEngine's ``fast`` argument
 ENGINE_KINDS = {"auto": None, "fast": True, "hf": False}
 
@@ -329,3 +336,18 @@ class PopulationEngine:
     def _finish(self, tracker: EndTracker) -> list[Completion]:
         self.stats.useful_tokens += sum(len(t) for t in tracker.generated)
         return tracker.completions()
+
+
+def build_engine(model: str, adapter: str | None, engine: EngineConfig | None = None, alpha: float = 1.0,
+                 clamp_min: float | None = None, balance: bool = True, **engine_fields):
+    """Base model (+ quantization) with the adapter's genome installed as the per-row LoRA path.
+    ``engine``: where and how it runs (or its fields as keywords: device=..., quantization=...)."""
+    from essa.genome import load_genome
+    from essa.models import load_model, quantize_model
+
+    engine = engine or EngineConfig(**engine_fields)
+    genome = load_genome(adapter, alpha, balance) if adapter else None
+    m, tok = load_model(model, device=engine.device, dtype=engine.dtype)
+    quantize_model(m, engine.quantization)
+    return PopulationEngine(m, tok, genome, clamp_min=clamp_min, memory_budget_gb=engine.memory_budget_gb,
+                            max_batch_rows=engine.max_batch_rows, fast=ENGINE_KINDS[engine.engine])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from essa import EssaError
 from essa.chat import chat_prompts
 from essa.config import help_field
-from essa.engine import ENGINE_KINDS, EngineConfig, PopulationEngine, check_context
+from essa.distributed import DistributedConfig, PromptSet, WorkerSpec, make_pool
+from essa.engine import EngineConfig, PopulationEngine, engine_settings
 from essa.files import write_jsonl_atomic
 from essa.rewards import score_completions
 from essa.sampling import SamplingConfig
@@ -37,6 +38,8 @@ class EvalConfig(EngineConfig):
     temperature: float = help_field(0.6, "sampling temperature of the k samples (num_samples > 1)")
     top_p: float = help_field(0.95, "nucleus sampling of the k samples (num_samples > 1)")
     seed: int = help_field(0, "seed of the counter-based sampler (num_samples > 1)")
+    distributed: DistributedConfig = field(default_factory=DistributedConfig,
+                                           metadata={"help": "generation on Ray workers (default: in this process)"})
 
     def validate(self):
         self.validate_engine()
@@ -129,21 +132,6 @@ def generate_and_score(engine: PopulationEngine, task: Task, rows: list[dict], c
     return results
 
 
-def build_engine(model: str, adapter: str | None, engine: EngineConfig | None = None, alpha: float = 1.0,
-                 clamp_min: float | None = None, balance: bool = True, **engine_fields):
-    """Base model (+ quantization) with the adapter's genome installed as the per-row LoRA path.
-    ``engine``: where and how it runs (or its fields as keywords: device=..., quantization=...)."""
-    from essa.genome import load_genome
-    from essa.models import load_model, quantize_model
-
-    engine = engine or EngineConfig(**engine_fields)
-    genome = load_genome(adapter, alpha, balance) if adapter else None
-    m, tok = load_model(model, device=engine.device, dtype=engine.dtype)
-    quantize_model(m, engine.quantization)
-    return PopulationEngine(m, tok, genome, clamp_min=clamp_min, memory_budget_gb=engine.memory_budget_gb,
-                            max_batch_rows=engine.max_batch_rows, fast=ENGINE_KINDS[engine.engine])
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     from tqdm import tqdm
 
@@ -158,43 +146,45 @@ def run_eval(cfg: EvalConfig) -> dict:
     if out_path.exists() and not cfg.overwrite:
         raise EssaError(f"{out_path} exists (an earlier evaluation); pass --output NEW.jsonl, or --overwrite true to replace it")
     rows = load_rows(task, source, limit=cfg.limit)
-    engine = build_engine(cfg.model, cfg.adapter, cfg)
-    check_context(engine.model, chat_prompts(engine.tokenizer, [r["prompt"] for r in rows],
-                                             resolve_system_prompt(task, cfg.system_prompt)), cfg.max_new_tokens, "evaluation")
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(rows), desc=f"eval {cfg.task}", unit="ex")
-    progress = lambda done, toks: (bar.update(done - bar.n), bar.set_postfix(tok=toks))  # noqa: E731
-    (metrics, completions), = generate_and_score(
-        engine, task, rows, None, SamplingConfig(max_new_tokens=cfg.max_new_tokens),
-        resolve_system_prompt(task, cfg.system_prompt), progress)
-    bar.close()
-    sampled = {}
     system_prompt = resolve_system_prompt(task, cfg.system_prompt)
-    if cfg.reward is not None:
-        from essa.rewards import resolve_reward
-
-        fn = resolve_reward(cfg.reward, device=str(engine.device), system_prompt=system_prompt)
-        sampled["reward_mean"] = validation_score(task, "reward", fn, rows, [c.text for c in completions])
-    if cfg.num_samples > 1:
-        ids = chat_prompts(engine.tokenizer, [r["prompt"] for r in rows], system_prompt)
-        bar = tqdm(total=len(rows) * cfg.num_samples, desc=f"eval {cfg.task} x{cfg.num_samples} samples", unit="row")
+    spec = WorkerSpec(cfg.model, cfg.adapter, engine_settings(cfg), system_prompt=system_prompt,
+                      prompt_sets={"eval": PromptSet([r["prompt"] for r in rows], cfg.max_new_tokens, "evaluation")})
+    pool = make_pool(spec, cfg.distributed)
+    try:
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(rows), desc=f"eval {cfg.task}", unit="ex")
         progress = lambda done, toks: (bar.update(done - bar.n), bar.set_postfix(tok=toks))  # noqa: E731
-        (per_prompt,) = engine.generate(ids, None, SamplingConfig(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            num_samples=cfg.num_samples, seed=cfg.seed), progress=progress)
+        ((per_prompt,), tokens) = pool.generate("eval", None, SamplingConfig(max_new_tokens=cfg.max_new_tokens), progress)
         bar.close()
-        sampled.update({"sampling": {"num_samples": cfg.num_samples, "temperature": cfg.temperature,
-                                     "top_p": cfg.top_p, "seed": cfg.seed}, **sampled_metrics(task, rows, per_prompt)})
-    wall = time.perf_counter() - t0
+        completions = [samples[0] for samples in per_prompt]
+        metrics = task.evaluate(rows, [c.text for c in completions])
+        sampled = {}
+        if cfg.reward is not None:
+            from essa.rewards import resolve_reward
+
+            fn = resolve_reward(cfg.reward, device=cfg.device, system_prompt=system_prompt)
+            sampled["reward_mean"] = validation_score(task, "reward", fn, rows, [c.text for c in completions])
+        if cfg.num_samples > 1:
+            bar = tqdm(total=len(rows) * cfg.num_samples, desc=f"eval {cfg.task} x{cfg.num_samples} samples", unit="row")
+            progress = lambda done, toks: (bar.update(done - bar.n), bar.set_postfix(tok=toks))  # noqa: E731
+            ((per_prompt,), more) = pool.generate("eval", None, SamplingConfig(
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                num_samples=cfg.num_samples, seed=cfg.seed), progress=progress)
+            tokens += more
+            bar.close()
+            sampled.update({"sampling": {"num_samples": cfg.num_samples, "temperature": cfg.temperature,
+                                         "top_p": cfg.top_p, "seed": cfg.seed}, **sampled_metrics(task, rows, per_prompt)})
+        wall = time.perf_counter() - t0
+    finally:
+        pool.close()
     per_example = metrics.pop("results", None) or [{} for _ in rows]
     scores = metrics.pop("scores", [None] * len(rows))
     write_jsonl_atomic(({**{k: v for k, v in r.items()}, "completion": c.text, "finish_reason": c.finish_reason,
                          "score": s, **extra}
                         for r, c, s, extra in zip(rows, completions, scores, per_example)), out_path)
-    st = engine.stats
     summary = {"task": cfg.task, "model": cfg.model, "adapter": cfg.adapter, "data": source,
                "system_prompt": system_prompt, **metrics, **sampled,
-               "wall_seconds": round(wall, 2), "generated_tokens": st.useful_tokens,
-               "tokens_per_second": round(st.useful_tokens / max(wall, 1e-9), 1),
-               "device": str(engine.device), "quantization": cfg.quantization, "output": str(out_path)}
+               "wall_seconds": round(wall, 2), "generated_tokens": tokens,
+               "tokens_per_second": round(tokens / max(wall, 1e-9), 1),
+               "device": pool.device, "quantization": cfg.quantization, "output": str(out_path)}
     return summary

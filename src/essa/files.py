@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 from essa import EssaError
@@ -27,16 +28,29 @@ _fault_counts: dict[str, int] = {}
 
 
 def fault_point(name: str):
-    """SIGKILL this process here when ``ESSA_FAULT`` is ``name`` or ``name:N`` (the N-th time)."""
+    """For the fault-injection tests: when ``ESSA_FAULT`` is ``name``, ``name:N`` or ``name:N:hang``, the N-th
+    time this process passes here it is SIGKILLed (or hangs). With ``ESSA_FAULT_ONCE=PATH`` the fault fires
+    in only one process of a run: the first to create PATH (a restarted worker passes on)."""
     spec = os.environ.get("ESSA_FAULT")
     if not spec:
         return
-    point, _, nth = spec.partition(":")
+    point, _, rest = spec.partition(":")
     if point != name:
         return
+    nth, _, mode = rest.partition(":")
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _fault_counts[name] != int(nth or 1):
+        return
+    once = os.environ.get("ESSA_FAULT_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    if mode == "hang":
+        while True:
+            time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

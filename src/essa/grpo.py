@@ -12,7 +12,7 @@ What is shared with `essa train`, so that the two are comparable:
   raising reward) scored as the worst valid reward of the batch, as ESSA does;
 - validation and test: the *same evaluator*. The current LoRA weights are saved as a PEFT folder and
   installed, exactly like an ESSA candidate, into a ``PopulationEngine`` on a separate copy of the
-  base model (loaded and quantized like ``essa.evaluate.build_engine``): the same prompt token ids
+  base model (loaded and quantized like ``essa.engine.build_engine``): the same prompt token ids
   (``chat_prompts``), greedy decoding, the same ``max_new_tokens``/stop strings, ``task.evaluate``.
 
 Run directory (same layout as `essa train`): ``config.json``, ``metrics.jsonl`` (one line per

@@ -27,11 +27,11 @@ from typing import Callable
 import numpy as np
 
 from essa import EssaError
-from essa.chat import chat_prompts
 from essa.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from essa.config import from_dict, help_field, to_dict
-from essa.engine import EngineConfig, check_context
-from essa.evaluate import Selection, build_engine, resolve_system_prompt, validation_score
+from essa.distributed import DistributedConfig, PromptSet, WorkerSpec, make_pool
+from essa.engine import EngineConfig, engine_settings
+from essa.evaluate import Selection, resolve_system_prompt, validation_score
 from essa.files import (
     abandon_run_dir,
     append_jsonl,
@@ -46,7 +46,7 @@ from essa.files import (
     write_json,
     write_jsonl_atomic,
 )
-from essa.rewards import score_completions, with_timeout
+from essa.rewards import with_timeout
 from essa.sampling import SamplingConfig
 from essa.tasks import get_task, load_rows, seeded_split, split_rl_data
 
@@ -123,6 +123,8 @@ class TrainConfig(RunConfig):
     # -- run
     output_dir: str = help_field("runs/essa", "run directory: metrics, checkpoints, adapters, report")
     seed: int = help_field(0, "seed of the strategy and the data order")
+    distributed: DistributedConfig = field(default_factory=DistributedConfig,
+                                           metadata={"help": "generation on Ray workers (default: in this process)"})
 
     def validate(self):
         if not self.adapter:
@@ -275,10 +277,6 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
     """Run ESSA (see the module docstring). ``resume_from``: a checkpoint's (meta, arrays) to continue from;
     ``restart``: start over inside an existing run directory whose run stopped before its first checkpoint;
     ``inputs``: in-memory reward and rows (the Python API) instead of those the config names."""
-    from tqdm import tqdm
-
-    from essa.strategies import DEFAULT_SIGMA0, make_strategy
-
     run_dir = Path(cfg.output_dir)
     fresh = resume_from is None and not restart
     if fresh:
@@ -292,27 +290,48 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
         task, system_prompt, reward_fn, val_rows, train_rows = task_setup(cfg, inputs)
         val_metric = resolve_val_metric(cfg, task)
         test_rows = load_test_rows(cfg, task)
-        engine = build_engine(cfg.model, cfg.adapter, cfg, cfg.alpha, cfg.clamp_min, balance=cfg.balance)
-        tok = engine.tokenizer
-        train_ids = chat_prompts(tok, [r["prompt"] for r in train_rows], system_prompt)
-        val_ids = chat_prompts(tok, [r["prompt"] for r in val_rows], system_prompt)
-        check_context(engine.model, train_ids, cfg.generation.max_new_tokens, "training")
-        check_context(engine.model, val_ids, cfg.generation.max_new_tokens, "validation")
-        test_ids = chat_prompts(tok, [r["prompt"] for r in test_rows], system_prompt) if test_rows is not None else []
-        check_context(engine.model, test_ids, cfg.generation.max_new_tokens, "test")
+        max_new = cfg.generation.max_new_tokens
+        sets = {"train": PromptSet([r["prompt"] for r in train_rows], max_new, "training", train_rows),
+                "val": PromptSet([r["prompt"] for r in val_rows], max_new, "validation")}
+        if test_rows is not None:
+            sets["test"] = PromptSet([r["prompt"] for r in test_rows], max_new, "test")
+        local = cfg.distributed.workers == 0
+        # in process the worker scores with the reward already resolved here; Ray workers resolve their own copy
+        spec = WorkerSpec(cfg.model, cfg.adapter, engine_settings(cfg), cfg.alpha, cfg.clamp_min, cfg.balance,
+                          system_prompt, sets,
+                          reward=reward_fn if local else ((inputs and inputs.reward_fn) or cfg.reward or task.name),
+                          reward_options={} if local else dict(cfg.reward_options),
+                          reward_timeout=None if local else cfg.reward_timeout)
+        pool = make_pool(spec, cfg.distributed)
         if fresh:
             mark_run_dir(run_dir, "train", to_dict(cfg))
     except BaseException:
+        if "pool" in locals():
+            pool.close()
         if fresh:
             abandon_run_dir(run_dir, created, lock)
         raise
-    genome = engine.genome
+    try:
+        return _run(cfg, run_dir, pool, task, system_prompt, reward_fn, val_rows, train_rows, test_rows, val_metric,
+                    resume_from)
+    finally:
+        pool.close()
+
+
+def _run(cfg: TrainConfig, run_dir: Path, pool, task, system_prompt, reward_fn, val_rows, train_rows, test_rows,
+         val_metric, resume_from) -> dict:
+    """The loop itself (setup done by :func:`train`)."""
+    from tqdm import tqdm
+
+    from essa.strategies import DEFAULT_SIGMA0, make_strategy
+
+    genome = pool.genome
     greedy_val = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, stop=cfg.generation.stop)
 
     calibration_seconds = 0.0
     if cfg.sigma0 == "auto" and resume_from is None:
         t_cal = time.perf_counter()
-        sigma0 = _calibrate(cfg, engine, train_ids, run_dir)
+        sigma0 = _calibrate(cfg, pool, len(train_rows), run_dir)
         calibration_seconds = time.perf_counter() - t_cal  # part of the run's wall-clock (and budget)
     elif cfg.sigma0 == "auto":  # resumed: the strategy state holds sigma; sigma0 is read from it below
         sigma0 = DEFAULT_SIGMA0
@@ -343,7 +362,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
         models = {"mean": np.asarray(strategy.mean, dtype=np.float64)} if gen else {"mean": np.zeros(genome.dimension)}
         if cfg.validate_best_candidate and gen:
             models["best_candidate"] = state.best_candidate
-        outs = engine.generate(val_ids, np.stack(list(models.values())), greedy_val)
+        outs, _ = pool.generate("val", np.stack(list(models.values())), greedy_val)
         fault_point("validation")
         scores = {}
         for (name, offset), per_prompt in zip(models.items(), outs):
@@ -370,7 +389,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
     t_start = time.perf_counter() - state.wall_seconds
     print(f"essa: genome dimension {genome.dimension} ({genome.info()['formula']}), strategy {cfg.strategy}, "
           f"popsize {cfg.popsize}, batch {cfg.batch_size}; validation = {len(val_rows)} held-out rows of "
-          f"{task.name} train data (not test)")
+          f"{task.name} train data (not test); generating on {pool.device}")
     if state.generation == 0 and resume_from is None:  # generation 0: the SFT adapter itself
         v = validate(0)
         log({"generation": 0, "val_mean": v["mean"], "wall_seconds": round(time.perf_counter() - t_start, 3),
@@ -389,26 +408,22 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
         pairs = [(k, i) for k in range(K) for i in per_cand[k]]
         bar = tqdm(total=len(pairs), desc=f"gen {gen}/{cfg.generations}", unit="row", leave=False)
         t_gen = time.perf_counter()
-        tok0 = engine.stats.useful_tokens
 
         def progress(done, toks):
-            bar.update(done - bar.n)
-            bar.set_postfix(tok_s=f"{(toks - tok0) / max(time.perf_counter() - t_gen, 1e-9):.0f}")
+            bar.update(done // cfg.generation.num_samples - bar.n)
+            if toks is not None:
+                bar.set_postfix(tok_s=f"{toks / max(time.perf_counter() - t_gen, 1e-9):.0f}")
 
-        comps = engine.generate_pairs(train_ids, X, pairs, cfg.generation, progress)
+        # fitness: the mean reward of a candidate's completions (every sample scored; invalid = worst valid),
+        # generated and scored by the workers
+        fit = pool.fitness("train", X, pairs, cfg.generation, cfg.samples_per_generation, progress)
         bar.close()
-        # fitness: the mean reward of a candidate's completions (every sample scored; invalid = worst valid)
-        S = cfg.generation.num_samples
-        rows = [train_rows[i] for _, i in pairs for _ in range(S)]
-        texts = [c.text for samples in comps for c in samples]
-        scores, raw, invalid = score_completions(reward_fn, rows, texts)
-        fitness = np.asarray(scores, dtype=np.float64).reshape(K, cfg.batch_size * S).mean(axis=1)
-        any_valid = invalid < len(raw)
+        fitness, invalid, any_valid = fit.values, fit.invalid, fit.any_valid
         # all equal (or no valid reward at all): no information; telling would move the mean in ask order
         flat = bool(np.ptp(fitness) == 0) or not any_valid
         if not flat:
             strategy.tell(X, fitness)
-        gen_tokens = engine.stats.useful_tokens - tok0
+        gen_tokens = fit.tokens
         state.tokens += gen_tokens
         state.invalid_rewards += invalid
         top = int(np.argmax(fitness))
@@ -420,17 +435,17 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
                   "fitness_min": float(fitness.min()), "fitness_std": float(fitness.std()), "sigma": float(strategy.sigma),
                   "tokens_generated": gen_tokens, "tokens": state.tokens, "invalid_rewards": invalid,
                   "tokens_per_second": round(gen_tokens / max(time.perf_counter() - t_gen, 1e-9), 1),
-                  "wall_seconds": round(wall, 3), "epoch": stream.epoch, "flat_fitness": flat}
+                  "wall_seconds": round(wall, 3), "epoch": stream.epoch, "flat_fitness": flat, "workers": pool.workers,
+                  "wire_bytes_down": fit.wire_down, "wire_bytes_up": fit.wire_up}
         if gen % cfg.eval_every == 0 or gen == cfg.generations or (
                 cfg.eval_every_seconds is not None and wall - state.last_val_wall >= cfg.eval_every_seconds):
             record.update({f"val_{name}": score for name, score in validate(gen).items()})
             record["best_val"] = state.selection.value
             record["wall_seconds"] = round(state.last_val_wall, 3)
         state.wall_seconds = time.perf_counter() - t_start
-        first = top * cfg.batch_size * S
         append_jsonl(run_dir / "samples.jsonl", [
-            {"generation": gen, "candidate": top, "prompt": rows[first + j]["prompt"], "completion": texts[first + j],
-             "reward": raw[first + j]} for j in range(min(cfg.samples_per_generation, cfg.batch_size * S))])
+            {"generation": gen, "candidate": top, "prompt": train_rows[p]["prompt"], "completion": text, "reward": raw}
+            for p, text, raw in fit.samples[top][:cfg.samples_per_generation]])
         log(record)
         print(f"essa: gen {gen}: fitness mean {record['fitness_mean']:.4f} max {record['fitness_max']:.4f} "
               f"sigma {record['sigma']:.4g}" + (f" val {record['val_mean']:.4f}" if "val_mean" in record else "")
@@ -462,7 +477,7 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
                "wall_seconds": round(state.wall_seconds, 2), "tokens_generated": state.tokens,
                "invalid_rewards": state.invalid_rewards, "adapters": {"best": str(best_dir), "final": str(final_dir)}}
     if test_rows is not None:
-        outs = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]), greedy_val)
+        outs, _ = pool.generate("test", np.stack([np.zeros(genome.dimension), best_offset, final_mean]), greedy_val)
         summary["test_metric"] = val_metric
         for name, per_prompt in zip(("sft", "best", "final"), outs):
             summary[f"test_{name}"] = validation_score(task, val_metric, reward_fn, test_rows,
@@ -473,9 +488,9 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
             from essa.evaluate import sampled_metrics
 
             k = cfg.test_num_samples
-            sampled = engine.generate(test_ids, np.stack([np.zeros(genome.dimension), best_offset, final_mean]),
-                                      SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.6,
-                                                     top_p=0.95, num_samples=k, seed=cfg.seed, stop=cfg.generation.stop))
+            sampled, _ = pool.generate("test", np.stack([np.zeros(genome.dimension), best_offset, final_mean]),
+                                       SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.6,
+                                                      top_p=0.95, num_samples=k, seed=cfg.seed, stop=cfg.generation.stop))
             for name, per_prompt in zip(("sft", "best", "final"), sampled):
                 for key, v in sampled_metrics(task, test_rows, per_prompt).items():
                     summary[f"test_{name}_{key}"] = v
@@ -487,16 +502,14 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
     return summary
 
 
-def _calibrate(cfg: TrainConfig, engine, train_ids, run_dir: Path) -> float:
-    """sigma0 'auto': the step whose first-generation candidates move the model by sigma_target_kl."""
-    from essa.explore import MovementProbe, calibrate_sigma
-
+def _calibrate(cfg: TrainConfig, pool, n_train: int, run_dir: Path) -> float:
+    """sigma0 'auto': the step whose first-generation candidates move the model by sigma_target_kl
+    (measured by one worker, `essa.explore`)."""
     t0 = time.perf_counter()
-    n = min(cfg.calibration_prompts, len(train_ids))
+    n = min(cfg.calibration_prompts, n_train)
     # the calibration prompts: seeded, disjoint from nothing in particular (training prompts only)
-    idx = np.random.Generator(np.random.PCG64(cfg.seed + 777)).choice(len(train_ids), n, replace=False)
-    probe = MovementProbe(engine, [train_ids[i] for i in idx], n_candidates=4, max_new_tokens=32, seed=cfg.seed)
-    sigma, log = calibrate_sigma(probe, cfg.sigma_target_kl)
+    idx = np.random.Generator(np.random.PCG64(cfg.seed + 777)).choice(n_train, n, replace=False)
+    sigma, log = pool.calibrate("train", [int(i) for i in idx], cfg.sigma_target_kl, cfg.seed)
     chosen = min(log, key=lambda m: abs(m["sigma"] - sigma))
     record = {"sigma0": sigma, "target_kl": cfg.sigma_target_kl, "kl": chosen["kl"],
               "token_agreement": chosen["agreement"], "prompts": [int(i) for i in idx],
@@ -516,9 +529,10 @@ def _truncate_jsonl(path: Path, generation: int):
     write_jsonl_atomic(keep, path)
 
 
-def resume(run_dir: str) -> dict:
+def resume(run_dir: str, distributed: dict | None = None) -> dict:
     """Continue an interrupted run from its checkpoint, with the config it was started with (a run stopped
-    before its first checkpoint starts over, in its folder)."""
+    before its first checkpoint starts over, in its folder); ``distributed``: fields of the `distributed`
+    section to change (where generation runs never changes a run's results)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not run_dir.is_dir() or run_kind(run_dir) != "train" or not cfg_path.exists():
@@ -530,6 +544,8 @@ def resume(run_dir: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise EssaError(f"{cfg_path} is damaged (not JSON); the run cannot be resumed: start a new run") from None
     data["output_dir"] = str(run_dir)  # a moved or copied run continues where it is, never at its old path
+    if distributed:
+        data["distributed"] = {**data.get("distributed", {}), **distributed}
     cfg = from_dict(TrainConfig, data)
     if not (run_dir / CHECKPOINT).exists():
         if (run_dir / "summary.json").exists():
