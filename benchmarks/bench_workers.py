@@ -38,7 +38,14 @@ def main():
     ap.add_argument("--link-gbps", type=float, default=100.0, help="projection: inter-node bandwidth, Gbit/s")
     ap.add_argument("--proj-popsize", type=int, default=32, help="projection: N_pop")
     ap.add_argument("--proj-batch", type=int, default=100, help="projection: prompts per mini-batch B")
+    ap.add_argument("--project-from", metavar="JSON", help="only recompute the projection of an earlier result")
     args = ap.parse_args()
+    if args.project_from:
+        out = json.load(open(args.project_from))
+        out["projection"] = project(out, args)
+        out["projection_command"] = " ".join(sys.argv)
+        print(json.dumps(out))
+        return
 
     import ray
     import torch
@@ -110,26 +117,35 @@ def main():
         if base:
             m["speedup_vs_process_1t"] = round(statistics.median(base["seconds_per_generation"])
                                                / statistics.median(m["seconds_per_generation"]), 2)
-    # the latency model, filled with η of one worker measured here (a projection)
-    one = out["modes"].get("ray-1") or base
-    if one:
-        eta = one["seconds_per_completion"]
-        link = args.link_gbps * 1e9 / 8
-        wire = (out["modes"].get("ray-2") or one)["wire_bytes_per_generation"]
-        N, B = args.proj_popsize, args.proj_batch
-        rows_out = []
-        for G in (1, 8, 16, 128):
-            gen = N * B * eta / G
-            essa_comm = wire / 2 * G / link  # per-worker share messages, serialised at the driver
-            allreduce = 2 * (G - 1) / G * n_params * 2 / link
-            rows_out.append({"G": G, "T_gen_s": round(gen, 2), "essa_comm_s": round(essa_comm, 6),
-                             "essa_step_s": round(gen + essa_comm, 2), "gradient_allreduce_s": round(allreduce, 4),
-                             "gradient_step_comm_only_s": round(gen + allreduce, 2),
-                             "allreduce_7B_s": round(2 * (G - 1) / G * 7e9 * 2 / link, 2)})
-        out["projection"] = {"label": "projection from measured eta (CPU, 1 thread), not a measurement",
-                             "eta_seconds_per_completion": eta, "N_pop": N, "B": B, "link_gbps": args.link_gbps,
-                             "model_params": n_params, "rows": rows_out}
+    out["model_params"] = n_params
+    out["projection"] = project(out, args)
     print(json.dumps(out))
+
+
+def project(out: dict, args) -> dict | None:
+    """The paper's latency model filled with η of one Ray worker measured here: per generation
+    T = N·B·η/G + T_comm. ESSA's traffic: per candidate the bytes measured with 1 worker (offsets, index
+    pairs, reward sums) + per extra share the bytes measured going from 1 to 2 workers, all through the
+    driver's link; a gradient method all-reduces its bf16 weights each step (ring: 2·(G−1)/G·P·2 bytes)."""
+    one, two = out["modes"].get("ray-1"), out["modes"].get("ray-2")
+    if not one:
+        return None
+    eta, link = one["seconds_per_completion"], args.link_gbps * 1e9 / 8
+    per_candidate = one["wire_bytes_per_generation"] / out["popsize"]
+    per_share = (two["wire_bytes_per_generation"] - one["wire_bytes_per_generation"]) if two else 0
+    N, B, P = args.proj_popsize, args.proj_batch, out["model_params"]
+    rows = []
+    for G in (1, 8, 16, 128):
+        gen = N * B * eta / G
+        essa_bytes = N * per_candidate + (G - 1) * per_share
+        allreduce = 2 * (G - 1) / G * P * 2 / link
+        rows.append({"G": G, "T_gen_s": round(gen, 2), "essa_bytes": int(essa_bytes), "essa_comm_s": round(essa_bytes / link, 6),
+                     "essa_step_s": round(gen + essa_bytes / link, 2), "allreduce_s": round(allreduce, 4),
+                     "gradient_step_s_generation_and_allreduce_only": round(gen + allreduce, 2),
+                     "allreduce_7B_s": round(2 * (G - 1) / G * 7e9 * 2 / link, 2)})
+    return {"label": "projection from eta measured here (CPU, 1 thread per worker), not a measurement",
+            "eta_seconds_per_completion": eta, "bytes_per_candidate": round(per_candidate), "bytes_per_share": per_share,
+            "N_pop": N, "B": B, "link_gbps": args.link_gbps, "model_params": P, "rows": rows}
 
 
 if __name__ == "__main__":

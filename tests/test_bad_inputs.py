@@ -189,6 +189,7 @@ CASES = [
     ("adapter-pickled-grpo", lambda w: _grpo(w, adapter=str(w / "pickled")), "does not unpickle", False),
     ("adapter-pickled-eval", lambda w: _eval(w, "--adapter", str(w / "pickled")), "not a PEFT adapter folder", False),
     ("adapter-dora", lambda w: _train(w, adapter=str(w / "dora")), "DoRA", False),
+    ("adapter-dora-on-a-worker", lambda w: _train(w, adapter=str(w / "dora"), **{"distributed.workers": 1}), "DoRA", False),
     ("adapter-modules-to-save", lambda w: _train(w, adapter=str(w / "saved")), "modules_to_save", False),
     ("adapter-bias", lambda w: _train(w, adapter=str(w / "bias")), "lora_bias", False),
     ("adapter-embedding", lambda w: _train(w, adapter=str(w / "embed")), "not a LoRA A/B matrix", False),

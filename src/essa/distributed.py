@@ -135,10 +135,8 @@ class Worker:
         self.index, self.error = index, None
         try:
             self._start(spec)
-        except EssaError as e:
-            self.error = str(e)
-        except OSError as e:
-            self.error = f"worker {index}: {e}"
+        except Exception as e:  # noqa: BLE001 - handed to the driver (LocalPool re-raises it as it is)
+            self.error = e
 
     def _start(self, spec: WorkerSpec):
         from essa.chat import chat_prompts
@@ -160,8 +158,10 @@ class Worker:
     def info(self) -> dict:
         import socket
 
+        if isinstance(self.error, EssaError):
+            return {"error": str(self.error)}
         if self.error is not None:
-            return {"error": self.error}
+            return {"error": f"worker {self.index} could not start: {type(self.error).__name__}: {self.error}"}
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.engine.device)}
 
     def ping(self) -> int:
@@ -245,6 +245,18 @@ def share_request(X: np.ndarray, pairs: list[tuple[int, int]]):
     return cand_ids, np.asarray(X, dtype=np.float32)[cand_ids], [(local[k], p) for k, p in pairs]
 
 
+def rows_done(shares: list[list], sampling: SamplingConfig, progress: Callable[[int, int | None], None] | None):
+    """A callback for finished shares that reports rows done to ``progress(rows, tokens=None)``."""
+    done = [0]
+
+    def step(r: int):
+        done[0] += len(shares[r])
+        if progress:
+            progress(done[0] * sampling.num_samples, None)
+
+    return step
+
+
 def regroup(K: int, n_prompts: int, flat: list) -> list[list[list]]:
     """Flat per-pair outputs of the pairs [(k, p) for k in range(K) for p in range(n_prompts)] as out[k][p]."""
     return [flat[k * n_prompts:(k + 1) * n_prompts] for k in range(K)]
@@ -257,8 +269,8 @@ class LocalPool:
 
     def __init__(self, spec: WorkerSpec):
         self.worker = Worker(spec)
-        if self.worker.error:
-            raise EssaError(self.worker.error)
+        if self.worker.error is not None:
+            raise self.worker.error
         self.genome = self.worker.engine.genome
         self.device = str(self.worker.engine.device)
         self.workers = 1
@@ -519,14 +531,7 @@ class RayPool:
     def fitness(self, name: str, X, pairs, sampling: SamplingConfig, log_rows: int, progress=None) -> Fitness:
         shares = split_pairs(pairs, self.workers)
         requests = [(name, *share_request(X, s), sampling, log_rows) for s in shares]
-        done = [0]
-
-        def step(r):
-            done[0] += len(shares[r])
-            if progress:
-                progress(done[0] * sampling.num_samples, None)
-
-        results, down, up = self._run("fitness", requests, step)
+        results, down, up = self._run("fitness", requests, rows_done(shares, sampling, progress))
         fit = reduce_fitness(len(X), results)
         fit.wire_down, fit.wire_up = down, up
         return fit
@@ -542,14 +547,7 @@ class RayPool:
             else:
                 cand_ids, cands, local = share_request(candidates, s)
                 requests.append((name, cands, local, sampling))
-        done = [0]
-
-        def step(r):
-            done[0] += len(shares[r])
-            if progress:
-                progress(done[0] * sampling.num_samples, None)
-
-        results, _, _ = self._run("generate", requests, step)
+        results, _, _ = self._run("generate", requests, rows_done(shares, sampling, progress))
         flat = [c for out, _ in results for c in out]
         return regroup(K, n, flat), sum(t for _, t in results)
 

@@ -312,15 +312,16 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
             abandon_run_dir(run_dir, created, lock)
         raise
     try:
-        return _run(cfg, run_dir, pool, task, system_prompt, reward_fn, val_rows, train_rows, test_rows, val_metric,
+        return run_loop(cfg, run_dir, pool, task, system_prompt, reward_fn, val_rows, train_rows, test_rows, val_metric,
                     resume_from)
     finally:
         pool.close()
 
 
-def _run(cfg: TrainConfig, run_dir: Path, pool, task, system_prompt, reward_fn, val_rows, train_rows, test_rows,
+def run_loop(cfg: TrainConfig, run_dir: Path, pool, task, system_prompt, reward_fn, val_rows, train_rows, test_rows,
          val_metric, resume_from) -> dict:
-    """The loop itself (setup done by :func:`train`)."""
+    """The ESSA loop of the module docstring; :func:`train` has set up the run directory, the data and the
+    workers (``pool``: `essa.distributed`)."""
     from tqdm import tqdm
 
     from essa.strategies import DEFAULT_SIGMA0, make_strategy
