@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--generations", type=int, default=3, help="timed generations per mode (after one warm-up)")
     ap.add_argument("--modes", nargs="+", default=["process-1t", "process-2t", "ray-1", "ray-2"])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the process modes measure one GPU's eta)")
     ap.add_argument("--link-gbps", type=float, default=100.0, help="projection: inter-node bandwidth, Gbit/s")
     ap.add_argument("--proj-popsize", type=int, default=32, help="projection: N_pop")
     ap.add_argument("--proj-batch", type=int, default=100, help="projection: prompts per mini-batch B")
@@ -47,7 +48,6 @@ def main():
         print(json.dumps(out))
         return
 
-    import ray
     import torch
 
     from essa.distributed import DistributedConfig, PromptSet, WorkerSpec, make_pool
@@ -73,12 +73,13 @@ def main():
     X = [rng.normal(0, 0.05, (args.popsize, dim)) for _ in range(args.generations + 1)]
     batches = [[(k, g * args.batch_size + i) for k in range(args.popsize) for i in range(args.batch_size)]
                for g in range(args.generations + 1)]
-    spec = WorkerSpec(args.model, f"{tmp}/adapter", EngineConfig(device="cpu"), system_prompt=task.system_prompt,
+    spec = WorkerSpec(args.model, f"{tmp}/adapter", EngineConfig(device=args.device), system_prompt=task.system_prompt,
                       prompt_sets={"train": PromptSet([r["prompt"] for r in rows], args.max_new_tokens, "training", rows)},
                       reward="gsm8k")
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    out = {"command": " ".join(sys.argv), "device": f"cpu ({os.cpu_count()} cores)", "python": platform.python_version(),
-           "torch": torch.__version__, "ray": ray.__version__, "load_average_start": os.getloadavg(),
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
+    out = {"command": " ".join(sys.argv), "device": device, "python": platform.python_version(),
+           "torch": torch.__version__, "load_average_start": os.getloadavg(),
            "popsize": args.popsize, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
            "generations": args.generations, "modes": {}}
     fitness = {}
@@ -127,12 +128,12 @@ def project(out: dict, args) -> dict | None:
     T = N·B·η/G + T_comm. ESSA's traffic: per candidate the bytes measured with 1 worker (offsets, index
     pairs, reward sums) + per extra share the bytes measured going from 1 to 2 workers, all through the
     driver's link; a gradient method all-reduces its bf16 weights each step (ring: 2·(G−1)/G·P·2 bytes)."""
-    one, two = out["modes"].get("ray-1"), out["modes"].get("ray-2")
+    one, two = out["modes"].get("ray-1") or out["modes"].get("process-1t"), out["modes"].get("ray-2")
     if not one:
         return None
     eta, link = one["seconds_per_completion"], args.link_gbps * 1e9 / 8
     per_candidate = one["wire_bytes_per_generation"] / out["popsize"]
-    per_share = (two["wire_bytes_per_generation"] - one["wire_bytes_per_generation"]) if two else 0
+    per_share = (two["wire_bytes_per_generation"] - one["wire_bytes_per_generation"]) if two and one["workers"] else 0
     N, B, P = args.proj_popsize, args.proj_batch, out["model_params"]
     rows = []
     for G in (1, 8, 16, 128):
@@ -143,7 +144,7 @@ def project(out: dict, args) -> dict | None:
                      "essa_step_s": round(gen + essa_bytes / link, 2), "allreduce_s": round(allreduce, 4),
                      "gradient_step_s_generation_and_allreduce_only": round(gen + allreduce, 2),
                      "allreduce_7B_s": round(2 * (G - 1) / G * 7e9 * 2 / link, 2)})
-    return {"label": "projection from eta measured here (CPU, 1 thread per worker), not a measurement",
+    return {"label": f"projection from eta measured here ({out['device']}, one worker), not a measurement",
             "eta_seconds_per_completion": eta, "bytes_per_candidate": round(per_candidate), "bytes_per_share": per_share,
             "N_pop": N, "B": B, "link_gbps": args.link_gbps, "model_params": P, "rows": rows}
 
