@@ -78,6 +78,23 @@ def test_standard_prompts_carve_validation_and_resume(sft):
     assert again.train(resume_from_checkpoint=True)["best_val"] == s["best_val"]   # a finished run resumes to the same end
 
 
+def test_in_memory_rewards_score_on_ray_workers(sft):
+    """The API's reward functions travel to Ray workers (cloudpickle; a function defined in a script goes by
+    value) and give the in-process run's results exactly."""
+    def vowel_share(completions, **kwargs):  # defined here: not importable by a worker, pickled by value
+        return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
+
+    ds = Dataset.from_list([{"prompt": f"Spell {w}.", "target": w} for w in ("one", "two", "three", "four", "five", "six")])
+    runs = {}
+    for workers in (0, 1):
+        trainer = ESSATrainer(model=str(sft / "sft"), reward_funcs=vowel_share, train_dataset=ds,
+                              args=_args(sft, f"ray-{workers}", val_size=2, distributed={"workers": workers}))
+        trainer.train()
+        runs[workers] = [(r["generation"], r.get("fitness_mean"), r.get("val_mean"))
+                         for r in map(json.loads, (sft / f"ray-{workers}" / "metrics.jsonl").read_text().splitlines())]
+    assert runs[1] == runs[0] and len(runs[0]) == 3
+
+
 def test_bad_api_input_is_one_line(sft):
     ds = Dataset.from_list([{"question": "no prompt"}])
     with pytest.raises(EssaError, match="row 0 has no 'prompt'"):
