@@ -60,7 +60,8 @@ def main():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from helpers import random_adapter
 
-    tmp = tempfile.mkdtemp(prefix="bench-workers-")
+    tmp_dir = tempfile.TemporaryDirectory(prefix="bench-workers-")  # removed when the process exits
+    tmp = tmp_dir.name
     model, _ = load_model(args.model, device="cpu", dtype="float32")
     random_adapter(model, f"{tmp}/adapter", std=0.02)
     n_params = sum(p.numel() for p in model.parameters())

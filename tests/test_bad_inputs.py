@@ -153,6 +153,8 @@ CASES = [
     ("config-resume-and-set", lambda w: ["train", "--resume", str(w / "finished"), "--set", "generations=5"],
      "drop --config/--set", False),
     ("config-reward-options", lambda w: _train(w, **{"reward_options.colour": "red"}), "unknown reward_options key", False),
+    ("config-resume-bad-flag", lambda w: ["train", "--resume", str(w / "finished"), "--distributed-workers", "[1"],
+     "not a YAML value", False),
     ("config-workers-neg", lambda w: _train(w, **{"distributed.workers": -1}), "distributed.workers must be >= 0", False),
     ("config-address-no-workers", lambda w: _train(w, **{"distributed.address": "auto"}), "distributed.workers is 0", False),
     ("config-worker-resources", lambda w: _train(w, **{"distributed.resources_per_worker": "{gpus: 1}"}),

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from essa import EssaError
-from essa.config import apply_overrides, from_dict, help_text, load_yaml
+from essa.config import apply_overrides, from_dict, help_text, load_yaml, set_dotted
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, section: str = "") -> None:
@@ -34,20 +34,23 @@ def _add_fields(parser: argparse.ArgumentParser, cls, section: str = "") -> None
                         help="override a config field (dotted keys for sections, e.g. generation.max_new_tokens=64), repeatable")
 
 
-def build_config(cls, args) -> typing.Any:
-    data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    flags = []
+def flag_values(cls, args) -> dict:
+    """The field flags given on the command line, parsed as YAML: {"popsize": 8, "distributed.workers": 2}."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = {}
     for name, raw in vars(args).items():
-        if name.split(".")[0] in {f.name for f in dataclasses.fields(cls)}:
+        if name.split(".")[0] in fields:
             try:
-                value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+                out[name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
             except yaml.YAMLError:
                 raise EssaError(f"--{name.replace('_', '-').replace('.', '-')} {raw!r} is not a YAML value; quote it") from None
-            flags.append((name, value))
-    for name, value in flags:
-        if "." not in name:
-            data[name] = value
-    data = apply_overrides(data, [f"{name}={json.dumps(value)}" for name, value in flags if "." in name])
+    return out
+
+
+def build_config(cls, args) -> typing.Any:
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for name, value in flag_values(cls, args).items():
+        set_dotted(data, name, value)
     data = apply_overrides(data, getattr(args, "set", []))
     return from_dict(cls, data)
 
@@ -75,15 +78,12 @@ def cmd_train(args):
     from essa.trainer import TrainConfig, resume, train
 
     if args.resume:
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        given = [n for n in vars(args) if n.split(".")[0] in fields and not n.startswith("distributed.")]
-        if args.config or args.set or given:
+        flags = flag_values(TrainConfig, args)
+        if args.config or args.set or any(not n.startswith("distributed.") for n in flags):
             raise EssaError("--resume continues a run with the settings it was started with; drop --config/--set and "
                             "field flags except --distributed-* (or start a new run with them)")
         # where it runs may change (fewer workers after a lost node, another cluster): the results do not depend on it
-        distributed = {n.partition(".")[2]: yaml.safe_load(v) if isinstance(v, str) else v
-                       for n, v in vars(args).items() if n.startswith("distributed.")}
-        summary = resume(args.resume, distributed)
+        summary = resume(args.resume, {n.partition(".")[2]: v for n, v in flags.items()})
     else:
         summary = train(build_config(TrainConfig, args))
     print(json.dumps(summary, indent=2))

@@ -41,15 +41,20 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             raise EssaError(f"--set {key}: {raw!r} is not a YAML value; quote it, e.g. --set '{key}=\"{raw}\"'") from None
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if node.get(part) is not None and not isinstance(node[part], dict):
-                raise EssaError(f"--set {key}: {part} is not a section (it holds {node[part]!r}); set {part} itself")
-            node[part] = dict(node.get(part) or {})
-            node = node[part]
-        node[parts[-1]] = value
+        set_dotted(data, key, value)
     return data
+
+
+def set_dotted(data: dict, key: str, value) -> None:
+    """``data[a][b] = value`` for ``key`` "a.b" (sections created, copied before they change)."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if node.get(part) is not None and not isinstance(node[part], dict):
+            raise EssaError(f"--set {key}: {part} is not a section (it holds {node[part]!r}); set {part} itself")
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def _hints(cls) -> dict:

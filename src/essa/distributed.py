@@ -37,7 +37,7 @@ import numpy as np
 
 from essa import EssaError
 from essa.config import help_field
-from essa.engine import EngineConfig
+from essa.engine import EngineConfig, all_pairs, by_candidate
 from essa.files import fault_point
 from essa.sampling import SamplingConfig
 
@@ -257,11 +257,6 @@ def rows_done(shares: list[list], sampling: SamplingConfig, progress: Callable[[
     return step
 
 
-def regroup(K: int, n_prompts: int, flat: list) -> list[list[list]]:
-    """Flat per-pair outputs of the pairs [(k, p) for k in range(K) for p in range(n_prompts)] as out[k][p]."""
-    return [flat[k * n_prompts:(k + 1) * n_prompts] for k in range(K)]
-
-
 # ------------------------------------------------------------------------------ pools
 
 class LocalPool:
@@ -283,8 +278,8 @@ class LocalPool:
         """Completions of every (candidate, prompt) of set ``name``: (out[k][p][s], tokens)."""
         K = 1 if candidates is None else len(candidates)
         n = len(self.worker.ids[name])
-        flat, tokens = self.worker.generate(name, candidates, [(k, p) for k in range(K) for p in range(n)], sampling, progress)
-        return regroup(K, n, flat), tokens
+        flat, tokens = self.worker.generate(name, candidates, all_pairs(K, n), sampling, progress)
+        return by_candidate(flat, K, n), tokens
 
     def calibrate(self, name: str, indices: list[int], target_kl: float, seed: int):
         return self.worker.calibrate(name, indices, target_kl, seed)
@@ -324,7 +319,10 @@ def connect_ray(address: str | None):
         return _init_ray(ray, address)
     finally:
         if local:
-            os.environ.pop(LOOPBACK_FLAG) if saved is None else os.environ.__setitem__(LOOPBACK_FLAG, saved)
+            if saved is None:
+                del os.environ[LOOPBACK_FLAG]
+            else:
+                os.environ[LOOPBACK_FLAG] = saved
 
 
 def _init_ray(ray, address: str | None) -> bool:
@@ -378,7 +376,7 @@ class RayPool:
 
         self.workers = dist.workers
         try:
-            opts = self._resources(spec.engine.device)
+            opts = self.resources = self._resources(spec.engine.device)
             actor = ray.remote(Worker)
             spec_ref = ray.put(spec)
             self.actors = [actor.options(max_restarts=dist.max_restarts, max_task_retries=0, **opts).remote(spec_ref, i)
@@ -423,16 +421,13 @@ class RayPool:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.dist.start_timeout)
         if len(ready) < len(refs):
             raise EssaError(f"only {len(ready)} of {len(refs)} workers started within start_timeout="
-                            f"{self.dist.start_timeout:g} s (not enough free {self._resources_text()} in the cluster?); "
+                            f"{self.dist.start_timeout:g} s (not enough free {', '.join(f'{k}={v}' for k, v in self.resources.items())} in the cluster?); "
                             f"lower distributed.workers or raise start_timeout")
         infos = ray.get(refs)
         for i in infos:
             if "error" in i:
                 raise EssaError(i["error"])
         return infos
-
-    def _resources_text(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in (self.dist.resources_per_worker or {"num_cpus": 1}).items())
 
     # ---- worker health
     def _lose(self, i: int, why: str, kill: bool = False):
@@ -525,9 +520,6 @@ class RayPool:
                     todo.appendleft(r)
         return results, down, up
 
-    def _live(self) -> int:
-        return max(1, sum(self.alive))
-
     def fitness(self, name: str, X, pairs, sampling: SamplingConfig, log_rows: int, progress=None) -> Fitness:
         shares = split_pairs(pairs, self.workers)
         requests = [(name, *share_request(X, s), sampling, log_rows) for s in shares]
@@ -539,7 +531,7 @@ class RayPool:
     def generate(self, name: str, candidates, sampling: SamplingConfig, progress=None) -> tuple[list, int]:
         K = 1 if candidates is None else len(candidates)
         n = self.sizes[name]
-        shares = split_pairs([(k, p) for k in range(K) for p in range(n)], self.workers)
+        shares = split_pairs(all_pairs(K, n), self.workers)
         requests = []
         for s in shares:
             if candidates is None:
@@ -549,7 +541,7 @@ class RayPool:
                 requests.append((name, cands, local, sampling))
         results, _, _ = self._run("generate", requests, rows_done(shares, sampling, progress))
         flat = [c for out, _ in results for c in out]
-        return regroup(K, n, flat), sum(t for _, t in results)
+        return by_candidate(flat, K, n), sum(t for _, t in results)
 
     def calibrate(self, name: str, indices: list[int], target_kl: float, seed: int):
         (result,), _, _ = self._run("calibrate", [(name, indices, target_kl, seed)])

@@ -88,6 +88,16 @@ class GenerationStats:
 
 # --------------------------------------------------------------------------------- the engine
 
+def all_pairs(K: int, n_prompts: int) -> list[tuple[int, int]]:
+    """Every (candidate, prompt) pair, candidate-major: the rows of a whole-population generation."""
+    return [(k, p) for k in range(K) for p in range(n_prompts)]
+
+
+def by_candidate(flat: list, K: int, n_prompts: int) -> list[list]:
+    """Per-pair outputs of :func:`all_pairs` regrouped as ``out[k][p]``."""
+    return [flat[k * n_prompts:(k + 1) * n_prompts] for k in range(K)]
+
+
 def check_context(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, what: str):
     """One line naming the first prompt that, with ``max_new_tokens``, does not fit the model's context."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -178,9 +188,8 @@ class PopulationEngine:
         progress(rows_done, tokens): called after every micro-batch.
         """
         K = 1 if candidates is None else len(candidates)
-        pairs = [(k, p) for k in range(K) for p in range(len(prompt_ids))]
-        flat = self.generate_pairs(prompt_ids, candidates, pairs, sampling, progress)
-        return [flat[k * len(prompt_ids):(k + 1) * len(prompt_ids)] for k in range(K)]
+        flat = self.generate_pairs(prompt_ids, candidates, all_pairs(K, len(prompt_ids)), sampling, progress)
+        return by_candidate(flat, K, len(prompt_ids))
 
     @torch.inference_mode()
     def generate_pairs(self, prompt_ids: Sequence[Sequence[int]], candidates, pairs: Sequence[tuple[int, int]],
