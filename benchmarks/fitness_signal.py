@@ -61,7 +61,8 @@ def main():
     from scipy.stats import f as f_dist
 
     from essa.chat import chat_prompts
-    from essa.engine import EngineConfig, build_engine
+    from essa.engine import EngineConfig
+    from essa.engines import build_engine
     from essa.rewards import score_completions
     from essa.sampling import SamplingConfig
     from essa.tasks import get_task, load_rows

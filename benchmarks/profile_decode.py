@@ -51,7 +51,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     from essa.chat import chat_prompts
-    from essa.engine import build_engine
+    from essa.engines import build_engine
     from essa.models import load_model
     from essa.sampling import SamplingConfig
     from essa.tasks import get_task, load_rows

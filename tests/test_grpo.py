@@ -83,7 +83,7 @@ def test_grpo_trains_validates_and_exports(setup, tmp_path):
     assert (out / "adapters" / "best" / "essa_grpo.json").exists()
 
     # validation/test use essa's own evaluator: the SFT test completions equal `build_engine` + greedy decode
-    from essa.engine import build_engine
+    from essa.engines import build_engine
     from essa.evaluate import generate_and_score
     from essa.tasks import get_task, load_rows
 

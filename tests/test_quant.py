@@ -157,7 +157,7 @@ def test_lm_head_and_tied_embeddings_stay_full_precision(tiny):
 
 def test_genome_and_exported_adapter_do_not_depend_on_quantization(tiny_model_dir, tiny, tmp_path):
     """Inference precision touches neither the genome nor exported adapters (SFT stays fp32)."""
-    from essa.engine import build_engine
+    from essa.engines import build_engine
 
     _, _, _, adapter, _ = tiny
     engines = {q: build_engine(tiny_model_dir, str(adapter), device="cpu", dtype="float32", quantization=q)

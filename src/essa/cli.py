@@ -123,7 +123,7 @@ def cmd_data_ifeval_like(args):
     rows = make_ifeval_like(args.n, args.seed)
     if args.responses:
         from essa.chat import chat_prompts
-        from essa.engine import build_engine
+        from essa.engines import build_engine
         from essa.sampling import SamplingConfig
 
         engine = build_engine(args.model, None)

@@ -140,14 +140,15 @@ class Worker:
 
     def _start(self, spec: WorkerSpec):
         from essa.chat import chat_prompts
-        from essa.engine import build_engine, check_context
+        from essa.engine import check_context
+        from essa.engines import build_engine
         from essa.rewards import resolve_reward, with_timeout
 
         self.engine = build_engine(spec.model, spec.adapter, spec.engine, spec.alpha, spec.clamp_min, spec.balance)
         self.ids, self.rows = {}, {}
         for name, ps in spec.prompt_sets.items():
             self.ids[name] = chat_prompts(self.engine.tokenizer, ps.prompts, spec.system_prompt)
-            check_context(self.engine.model, self.ids[name], ps.max_new_tokens, ps.what)
+            check_context(self.engine.context_length, self.ids[name], ps.max_new_tokens, ps.what)
             self.rows[name] = ps.rows
         self.reward_fn = None
         if spec.reward is not None:
@@ -285,7 +286,7 @@ class LocalPool:
         return self.worker.calibrate(name, indices, target_kl, seed)
 
     def close(self):
-        pass
+        self.worker.engine.close()
 
 
 def make_pool(spec: WorkerSpec, dist: DistributedConfig | None):

@@ -49,8 +49,11 @@ class EngineConfig:
     memory_budget_gb: float | None = help_field(None, "memory the engine may plan for (default: 80% of free GPU memory, "
                                                 "4 GiB on CPU)")
     max_batch_rows: int | None = help_field(None, "cap on rows per micro-batch")
-    engine: str = help_field("auto", "decode path: auto (the static-cache fast decoder when the architecture is "
-                             "supported, else HF) | fast (required) | hf")
+    engine: str = help_field("native", "what generates: native (essa's decode: the static-cache fast decoder when the "
+                             "architecture is supported, else HF) | fast (native, fast decoder required) | hf (native, "
+                             "HF forward) | vllm (vLLM, the population as multi-LoRA requests: essa.vllm_engine)")
+    vllm: dict = help_field({}, "engine vllm: keyword arguments for vllm.LLM (tensor_parallel_size, "
+                            "gpu_memory_utilization, quantization, max_loras, ...)")
 
     def validate_engine(self):
         from essa.models import check_device
@@ -58,6 +61,13 @@ class EngineConfig:
         check_device(self.device)
         if self.engine not in ENGINE_KINDS:
             raise EssaError(f"unknown engine {self.engine!r}; use one of: {', '.join(ENGINE_KINDS)}")
+        if not isinstance(self.vllm, dict):
+            raise EssaError(f"vllm must be a mapping of vllm.LLM keyword arguments, got {self.vllm!r}")
+        if self.vllm and self.engine != "vllm":
+            raise EssaError("vllm options are set but engine is not vllm; set engine: vllm or remove them")
+        if self.engine == "vllm" and self.quantization != "none":
+            raise EssaError(f"quantization {self.quantization} is the native engine's (torchao); with engine vllm use a "
+                            f"pre-quantized model (AWQ/GPTQ) or vllm: {{quantization: ...}}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise EssaError(f"memory_budget_gb must be > 0 (or null for the default), got {self.memory_budget_gb}")
         if self.max_batch_rows is not None and self.max_batch_rows < 1:
@@ -71,8 +81,9 @@ def engine_settings(cfg) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
-#: engine kind -> PopulationEngine's ``fast`` argument
-ENGINE_KINDS = {"auto": None, "fast": True, "hf": False}
+#: native engine kind -> PopulationEngine's ``fast`` argument ("auto": the old name of "native")
+NATIVE_KINDS = {"native": None, "auto": None, "fast": True, "hf": False}
+ENGINE_KINDS = [*NATIVE_KINDS, "vllm"]
 
 
 @dataclass
@@ -98,9 +109,18 @@ def by_candidate(flat: list, K: int, n_prompts: int) -> list[list]:
     return [flat[k * n_prompts:(k + 1) * n_prompts] for k in range(K)]
 
 
-def check_context(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, what: str):
-    """One line naming the first prompt that, with ``max_new_tokens``, does not fit the model's context."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """Every token that ends a completion: the generation config's EOS ids and the tokenizer's."""
+    eos = generation_config.eos_token_id if generation_config else None
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        eos.append(tokenizer.eos_token_id)
+    return sorted(set(eos))
+
+
+def check_context(limit: int | None, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, what: str):
+    """One line naming the first prompt that, with ``max_new_tokens``, does not fit the context of ``limit`` tokens
+    (an engine's ``context_length``; None = unknown, nothing checked)."""
     if not limit:
         return
     for i, ids in enumerate(prompt_ids):
@@ -131,14 +151,11 @@ class PopulationEngine:
         if fast if fast is not None else fast_decode.auto_enabled(model, self.wrappers):
             self._fast = fast_decode.FastDecoder(model, self.wrappers)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.context_length = getattr(cfg, "max_position_embeddings", None)
         self._kv_bytes_per_token = self._kv_bytes(cfg)
         self.memory_budget = self._memory_budget(memory_budget_gb)
         self.max_batch_rows = max_batch_rows
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_ids = sorted(set(eos))
+        self.eos_ids = eos_token_ids(model.generation_config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
         self.vocab = cfg.vocab_size
         self.stats = GenerationStats()
@@ -342,21 +359,9 @@ class PopulationEngine:
             self._set_rows(None, None)
         return self._finish(tracker)
 
+    def close(self):
+        """Nothing to release (the model is garbage-collected with the engine); as :meth:`VLLMEngine.close`."""
+
     def _finish(self, tracker: EndTracker) -> list[Completion]:
         self.stats.useful_tokens += sum(len(t) for t in tracker.generated)
         return tracker.completions()
-
-
-def build_engine(model: str, adapter: str | None, engine: EngineConfig | None = None, alpha: float = 1.0,
-                 clamp_min: float | None = None, balance: bool = True, **engine_fields):
-    """Base model (+ quantization) with the adapter's genome installed as the per-row LoRA path.
-    ``engine``: where and how it runs (or its fields as keywords: device=..., quantization=...)."""
-    from essa.genome import load_genome
-    from essa.models import load_model, quantize_model
-
-    engine = engine or EngineConfig(**engine_fields)
-    genome = load_genome(adapter, alpha, balance) if adapter else None
-    m, tok = load_model(model, device=engine.device, dtype=engine.dtype)
-    quantize_model(m, engine.quantization)
-    return PopulationEngine(m, tok, genome, clamp_min=clamp_min, memory_budget_gb=engine.memory_budget_gb,
-                            max_batch_rows=engine.max_batch_rows, fast=ENGINE_KINDS[engine.engine])

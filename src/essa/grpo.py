@@ -12,7 +12,7 @@ What is shared with `essa train`, so that the two are comparable:
   raising reward) scored as the worst valid reward of the batch, as ESSA does;
 - validation and test: the *same evaluator*. The current LoRA weights are saved as a PEFT folder and
   installed, exactly like an ESSA candidate, into a ``PopulationEngine`` on a separate copy of the
-  base model (loaded and quantized like ``essa.engine.build_engine``): the same prompt token ids
+  base model (loaded and quantized like ``essa.engines.build_engine``): the same prompt token ids
   (``chat_prompts``), greedy decoding, the same ``max_new_tokens``/stop strings, ``task.evaluate``.
 
 Run directory (same layout as `essa train`): ``config.json``, ``metrics.jsonl`` (one line per
@@ -94,6 +94,9 @@ class GRPORunConfig(RunConfig):
         if not self.adapter:
             raise EssaError("config needs `adapter`: the SFT LoRA adapter folder (run `essa sft` first)")
         self.validate_run()
+        if self.engine == "vllm":
+            raise EssaError("essa grpo generates its rollouts with TRL and validates with the native engine; "
+                            "use engine native (or fast/hf) here, engine vllm is for essa train and essa eval")
         if self.num_generations < 2:
             raise EssaError(f"num_generations must be >= 2 (GRPO compares completions within a group), got {self.num_generations}")
         if self.per_device_batch < 1 or self.grad_accum < 1 or self.updates_per_rollout < 1 or self.max_steps < 1:
@@ -193,14 +196,14 @@ class Validator:
     def run(self, adapter_dir, rows: list[dict], prompt_ids=None) -> tuple[dict, list[str]]:
         import torch
 
-        from essa.engine import ENGINE_KINDS, PopulationEngine
+        from essa.engine import NATIVE_KINDS, PopulationEngine
         from essa.genome import load_genome
 
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
         engine = PopulationEngine(self.model, self.tokenizer, load_genome(adapter_dir), clamp_min=None,
                                   memory_budget_gb=self.cfg.memory_budget_gb, max_batch_rows=self.cfg.max_batch_rows,
-                                  fast=ENGINE_KINDS[self.cfg.engine])
+                                  fast=NATIVE_KINDS[self.cfg.engine])
         ids = prompt_ids if prompt_ids is not None else self.prompt_ids(rows)
         (per_prompt,) = engine.generate(ids, None, self.sampling)
         texts = [s[0].text for s in per_prompt]

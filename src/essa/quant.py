@@ -3,7 +3,7 @@
 Only generation (the population engine: ESSA candidates, validation, ``essa eval``) runs on the
 quantized base; SFT trains in full precision, and the genome, its singular values and every
 exported adapter are the same whatever the inference precision. ``quantize_base_weights`` runs
-*before* the engine installs its ``PopulationLoRA`` wrappers (``essa.engine.build_engine``), so the
+*before* the engine installs its ``PopulationLoRA`` wrappers (``essa.engines.build_engine``), so the
 per-row LoRA path keeps its own bf16/fp32 buffers and calls the quantized base linear as ``.base``;
 on a model that already has wrappers only their ``.base`` linears are touched.
 

@@ -297,7 +297,10 @@ def train(cfg: TrainConfig, resume_from: tuple[dict, dict] | None = None, restar
             sets["test"] = PromptSet([r["prompt"] for r in test_rows], max_new, "test")
         local = cfg.distributed.workers == 0
         # in process the worker scores with the reward already resolved here; Ray workers resolve their own copy
-        spec = WorkerSpec(cfg.model, cfg.adapter, engine_settings(cfg), cfg.alpha, cfg.clamp_min, cfg.balance,
+        engine = engine_settings(cfg)
+        if engine.engine == "vllm":  # vLLM batches this many adapters at once: a whole generation
+            engine.vllm = {"max_loras": cfg.popsize, **engine.vllm}
+        spec = WorkerSpec(cfg.model, cfg.adapter, engine, cfg.alpha, cfg.clamp_min, cfg.balance,
                           system_prompt, sets,
                           reward=reward_fn if local else ((inputs and inputs.reward_fn) or cfg.reward or task.name),
                           reward_options={} if local else dict(cfg.reward_options),
