@@ -150,6 +150,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     spec = WorkerSpec(cfg.model, cfg.adapter, engine_settings(cfg), system_prompt=system_prompt,
                       prompt_sets={"eval": PromptSet([r["prompt"] for r in rows], cfg.max_new_tokens, "evaluation")})
     pool = make_pool(spec, cfg.distributed)
+    bar = None
     try:
         t0 = time.perf_counter()
         bar = tqdm(total=len(rows), desc=f"eval {cfg.task}", unit="ex")
@@ -176,6 +177,8 @@ def run_eval(cfg: EvalConfig) -> dict:
                                          "top_p": cfg.top_p, "seed": cfg.seed}, **sampled_metrics(task, rows, per_prompt)})
         wall = time.perf_counter() - t0
     finally:
+        if bar is not None:  # closed (idempotent) so an error line starts its own line
+            bar.close()
         pool.close()
     per_example = metrics.pop("results", None) or [{} for _ in rows]
     scores = metrics.pop("scores", [None] * len(rows))

@@ -420,8 +420,10 @@ def run_loop(cfg: TrainConfig, run_dir: Path, pool, task, system_prompt, reward_
 
         # fitness: the mean reward of a candidate's completions (every sample scored; invalid = worst valid),
         # generated and scored by the workers
-        fit = pool.fitness("train", X, pairs, cfg.generation, cfg.samples_per_generation, progress)
-        bar.close()
+        try:
+            fit = pool.fitness("train", X, pairs, cfg.generation, cfg.samples_per_generation, progress)
+        finally:  # also on an error: the bar's line is cleared, so `essa: error:` starts its own line
+            bar.close()
         fitness, invalid, any_valid = fit.values, fit.invalid, fit.any_valid
         # all equal (or no valid reward at all): no information; telling would move the mean in ask order
         flat = bool(np.ptp(fitness) == 0) or not any_valid
