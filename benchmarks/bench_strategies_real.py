@@ -62,7 +62,9 @@ def main(argv=None):  # noqa: C901
     rows = [json.loads(x) for x in open(args.data) if x.strip()]
     need = args.train_rows + args.heldout_rows
     if len(rows) < need:
-        sys.exit(f"bench_strategies_real: {args.data} has {len(rows)} rows, need {need}; lower --train-rows/--heldout-rows")
+        print(f"bench_strategies_real: {args.data} has {len(rows)} rows, need {need}; lower --train-rows/--heldout-rows",
+              file=sys.stderr)
+        sys.exit(2)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(rows))
     train = [rows[i] for i in order[:args.train_rows]]

@@ -10,7 +10,8 @@
    four IFEval metrics (as ``study_ifeval.py`` does).
 
 Prints one JSON object (command, device, load average, per arm: iterations, wall-clock, generated
-tokens, validation, test metrics with intervals)::
+tokens, validation, test metrics with intervals). ``comparison_reused`` says whether the compare ran in
+this invocation; the load averages are this script's (the compare records none of its own)::
 
     python benchmarks/compare_ifeval.py --out runs/compare-ifeval --budget-minutes 10
 """
@@ -59,13 +60,15 @@ def main(argv=None):
     cmd = [sys.executable, "-m", "essa.cli", "compare", "--config", args.config, "--budget-minutes",
            str(args.budget_minutes), "--set", f"output_dir={out}"]
     load_start = os.getloadavg()
-    if not (out / "comparison.json").exists():
+    reused = (out / "comparison.json").exists()
+    if not reused:
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)
     comparison = json.loads((out / "comparison.json").read_text())
     cfg = load_yaml(ROOT / args.config)
     rows = {r["prompt"]: r for r in map(json.loads, (ROOT / cfg["test_data"]).read_text().splitlines())}
-    result = {"benchmark": "compare-ifeval", "command": " ".join(cmd), "device": comparison["device"],
+    result = {"benchmark": "compare-ifeval", "command": " ".join(cmd), "comparison_reused": reused,
+              "device": comparison["device"],
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "load_average_start": load_start, "budget_minutes": comparison["budget_minutes"],
               "validation": comparison["validation"], "test_prompts": comparison.get("test_limit"), "arms": {}}
