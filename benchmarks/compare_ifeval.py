@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import paired_bootstrap  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import counts, paired_bootstrap  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,12 +39,7 @@ def scored(path: Path, rows_by_prompt: dict) -> dict[str, np.ndarray]:
     from essa.tasks.ifeval import ifeval_evaluate
 
     recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    res = ifeval_evaluate([rows_by_prompt[r["prompt"]] for r in recs], [r["completion"] for r in recs])["results"]
-    return {"strict_n": np.array([sum(r["strict_list"]) for r in res], float),
-            "loose_n": np.array([sum(r["loose_list"]) for r in res], float),
-            "inst": np.array([len(r["strict_list"]) for r in res], float),
-            "strict_all": np.array([r["strict_all"] for r in res], float),
-            "loose_all": np.array([r["loose_all"] for r in res], float)}
+    return counts(ifeval_evaluate([rows_by_prompt[r["prompt"]] for r in recs], [r["completion"] for r in recs])["results"])
 
 
 def main(argv=None):

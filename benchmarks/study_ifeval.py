@@ -50,7 +50,11 @@ def run(cmd: list[str], log: Path, record: list) -> float:
 
 def per_prompt(path: Path) -> dict[str, np.ndarray]:
     """Per-prompt (followed, instructions) counts and all-followed flags from an `essa eval` jsonl."""
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return counts([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+
+
+def counts(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Per-prompt counts from IFEval results (``strict_list``, ``loose_list``, ``strict_all``, ``loose_all``)."""
     return {"strict_n": np.array([sum(r["strict_list"]) for r in rows], float),
             "loose_n": np.array([sum(r["loose_list"]) for r in rows], float),
             "inst": np.array([len(r["strict_list"]) for r in rows], float),
