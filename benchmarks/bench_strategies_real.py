@@ -57,7 +57,7 @@ def main(argv=None):  # noqa: C901
     from essa.genome import load_genome
     from essa.models import load_model
     from essa.strategies import make_strategy
-    from essa.tasks.base import IFEVAL_SYSTEM_PROMPT
+    from essa.tasks import get_task
 
     rows = [json.loads(x) for x in open(args.data) if x.strip()]
     need = args.train_rows + args.heldout_rows
@@ -74,7 +74,7 @@ def main(argv=None):  # noqa: C901
     eng = PopulationEngine(model, tok, genome)
 
     def encode(rs):
-        p = chat_prompts(tok, [r["prompt"] for r in rs], IFEVAL_SYSTEM_PROMPT)
+        p = chat_prompts(tok, [r["prompt"] for r in rs], get_task("ifeval").system_prompt)
         c = [tok(r["response"], add_special_tokens=False)["input_ids"][:args.max_tokens] for r in rs]
         return p, c
 
