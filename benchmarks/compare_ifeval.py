@@ -62,7 +62,7 @@ def main(argv=None):
     comparison = json.loads((out / "comparison.json").read_text())
     cfg = load_yaml(ROOT / args.config)
     rows = {r["prompt"]: r for r in map(json.loads, (ROOT / cfg["test_data"]).read_text().splitlines())}
-    result = {"benchmark": "compare-ifeval", "command": " ".join(cmd), "comparison_reused": reused,
+    result = {"benchmark": Path(args.config).stem, "command": " ".join(cmd), "comparison_reused": reused,
               "device": comparison["device"],
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "load_average_start": load_start, "budget_minutes": comparison["budget_minutes"],

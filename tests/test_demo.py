@@ -1,9 +1,25 @@
-"""`essa demo --fast` end to end on the real SmolLM2-135M-Instruct: SFT → ESSA → test → report."""
+"""`essa demo --fast` end to end on the real SmolLM2-135M-Instruct: shipped SFT adapter → ESSA → held-out test → report."""
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+
+
+def test_demo_ships_its_sft_adapter():
+    from essa.demo import demo_adapter
+    from essa.genome import load_genome
+
+    adapter = demo_adapter()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert cfg["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert load_genome(adapter).dimension == 1920
+    # the bytes are those PROVENANCE.md records
+    provenance = (adapter.parent.parent / "PROVENANCE.md").read_text()
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert hashlib.sha256((adapter / f).read_bytes()).hexdigest() in provenance, f
 
 
 @pytest.mark.real
@@ -16,4 +32,9 @@ def test_demo_fast_real_model(tmp_path):
     assert (run / "adapters" / "best" / "adapter_config.json").exists()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["genome_dimension"] == 1920 and summary["generations"] == 1
-    assert result["test_n"] == 4 and 0 <= result["test_accuracy_essa_best"] <= 1
+    assert result["heldout_n"] == 8 and 0 <= result["heldout_essa"] <= 1
+    lo, hi = result["heldout_gain_ci95"]
+    assert lo <= result["heldout_gain"] <= hi
+    # the held-out questions are about topics the training questions never mention
+    topics = lambda name: {json.loads(x)["key"].split("-")[1] for x in (tmp_path / "demo" / name).read_text().splitlines()}  # noqa: E731
+    assert not topics("train.jsonl") & topics("heldout.jsonl")

@@ -23,7 +23,7 @@ from essa.tasks.ifeval import (
     make_ifeval_reward,
     nltk_data_dir,
 )
-from essa.tasks.ifeval_data import make_ifeval_like, rejection_sample, write_jsonl
+from essa.tasks.ifeval_data import make_answer_format, make_ifeval_like, rejection_sample, write_jsonl
 
 
 def row(ids, kwargs=None, prompt="Write something.", key=0):
@@ -188,6 +188,24 @@ def test_nltk_data_comes_from_an_installed_package_offline(tmp_path):
 
 
 # ------------------------------------------------------------------ generator
+
+def test_answer_format_task_splits_by_topic_and_checks_the_format():
+    train, heldout = make_answer_format()
+    assert (train, heldout) == make_answer_format() and make_answer_format(seed=1) != (train, heldout)
+    assert len(train) == 300 and len(heldout) == 100
+    topic = lambda r: r["key"].split("-")[1]  # noqa: E731
+    assert not {topic(r) for r in train} & {topic(r) for r in heldout}  # held-out topics never trained on
+    assert len({topic(r) for r in heldout}) == 10
+    for r in train[:5] + heldout[:5]:
+        check_row(r, "x")
+        assert r["instruction_id_list"] == ["detectable_format:constrained_response"]
+    rows = heldout[:3]
+    texts = ["My answer is no.", "Your answer is yes.", "Yes, I think so."]
+    assert ifeval_reward([r["prompt"] for r in rows], texts, [r["instruction_id_list"] for r in rows],
+                         [r["kwargs"] for r in rows]) == [1.0, 0.0, 0.0]
+    with pytest.raises(EssaError, match="heldout_topics"):
+        make_answer_format(heldout_topics=0)
+
 
 def test_generator_is_deterministic_and_checkable():
     a = make_ifeval_like(120, seed=7)

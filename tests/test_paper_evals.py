@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from essa.cli import main
-from essa.evaluate import pass_at_k, sampled_metrics
+from essa.evaluate import paired_bootstrap, pass_at_k, sampled_metrics
 from essa.stopping import Completion
 from essa.tasks import data_path, get_task, load_rows, read_jsonl
 from essa.tasks.math import extract_number, gsm8k_example, gsm8k_reward, math_reward
@@ -42,6 +42,18 @@ def test_pass_at_k_unbiased_estimator():
     assert pass_at_k(8, 2, 8) == 1.0
     # 1 - C(6,2)/C(8,2) = 1 - 15/28
     assert pass_at_k(8, 2, 2) == pytest.approx(1 - 15 / 28)
+
+
+def test_paired_bootstrap_interval():
+    a = [0.0, 1.0, 0.0, 1.0, 0.0] * 20
+    up = paired_bootstrap(a, [1.0] * 100)  # every 0 became 1: +0.6, certain
+    assert up["diff"] == 0.6 and up["ci95"][0] > 0.4 and up["significant"] and up["n"] == 100
+    same = paired_bootstrap(a, a)
+    assert same["diff"] == 0 and same["ci95"] == [0, 0] and not same["significant"]
+    swapped = paired_bootstrap(a, a[1:] + a[:1])  # as many wins as losses: the interval spans 0
+    assert swapped["ci95"][0] < 0 < swapped["ci95"][1] and not swapped["significant"]
+    assert paired_bootstrap([1.0, math.nan, 0.0], [1.0, 0.0, 1.0])["n"] == 2  # a pair with an invalid value is left out
+    assert paired_bootstrap(a, a, seed=3) == paired_bootstrap(a, a, seed=3)
 
 
 def test_sampled_metrics_avg_and_pass():

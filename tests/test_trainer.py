@@ -72,6 +72,11 @@ def test_train_runs_logs_exports_and_reports(setup):
         m, _ = load_model(model, device="cpu", dtype="float32")
         PeftModel.from_pretrained(m, adapter)  # loads as a normal PEFT adapter
     assert {"test_sft", "test_best", "test_final", "best_val"} <= set(summary)
+    # the metric (a custom reward) is a mean over rows, so the test report has paired intervals of the differences
+    for name in ("best", "final"):
+        gain = summary[f"test_{name}_minus_sft"]
+        assert gain["n"] == 2 and gain["ci95"][0] <= gain["diff"] <= gain["ci95"][1]
+        assert abs(summary[f"test_{name}"] - summary["test_sft"] - gain["diff"]) < 1e-3
     assert (run / "samples.jsonl").exists() and list((run / "tb").iterdir())
     assert main(["report", str(run)]) == 0
     assert (run / "report.png").stat().st_size > 1000 and "| 4 |" in (run / "report.md").read_text()

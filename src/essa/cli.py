@@ -153,7 +153,7 @@ def cmd_data_ifeval_like(args):
 def cmd_demo(args):
     from essa.demo import run_demo
 
-    run_demo(fast=args.fast)
+    run_demo(fast=args.fast, out=args.out, seed=args.seed)
 
 
 def cmd_config_help(args):
@@ -228,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     di.set_defaults(func=cmd_data_ifeval_like)
 
-    m = sub.add_parser("demo", help="short real ESSA job on the default model (CPU friendly)")
+    m = sub.add_parser("demo", help="ESSA teaches the default model an answer format, measured on held-out questions (CPU, minutes)")
     m.add_argument("--fast", action="store_true", help="even smaller settings (smoke test)")
+    m.add_argument("--out", default="runs/demo", help="folder of the demo's data and ESSA run (default runs/demo)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the strategy and the data order")
     m.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config-help", help="list every config field with its help")

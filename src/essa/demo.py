@@ -1,52 +1,69 @@
-"""`essa demo` (what `make demo` runs): SFT warm start → ESSA on GSM8K → SFT vs ESSA on test → report.
+"""`essa demo` (what `make demo` runs): ESSA teaches SmolLM2 an answer format, measured on held-out questions.
 
-Real model (SmolLM2-135M-Instruct, resolved offline), CPU-sized settings: a few minutes of SFT, a few
-ESSA generations with a small population and mini-batch, and a small test subset. The numbers it
-prints show the pipeline working end to end; they are not a benchmark result (see README).
+Real model (SmolLM2-135M-Instruct, resolved offline), CPU-sized, a few minutes:
+
+1. The SFT warm start is the adapter shipped in ``essa/data/demo/sft-adapter`` (LoRA r = 8 on q/k/v/o, made
+   by the README's IFEval SFT recipe: `essa data ifeval-like ... --responses` then `essa sft`).
+2. The task: yes-no questions with IFEval's constrained-response instruction ("Answer with one of the
+   following options: My answer is yes. / no. / maybe."), :func:`essa.tasks.ifeval_data.make_answer_format`.
+   The SFT adapter mostly answers "Your answer is yes." and fails the check. Questions about 30 topics
+   are training data (ESSA's validation rows are carved from them); questions about the 10 other topics
+   are held out from everything and only scored at the end.
+3. ESSA: CMA-ES over the adapter's 1920 singular values, fitness = the IFEval check on a mini-batch.
+4. SFT start vs ESSA on the held-out questions, with a paired bootstrap interval, and the report's plot.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from essa.sampling import SamplingConfig
 
 
-def run_demo(fast: bool = False, out: str = "runs/demo") -> dict:  # noqa: C901
+def demo_adapter() -> Path:
+    """The SFT adapter shipped with the package (see the module docstring and README, "Demo")."""
+    from essa.tasks import data_path
+
+    return data_path("demo", "sft-adapter")
+
+
+def run_demo(fast: bool = False, out: str = "runs/demo", seed: int = 0) -> dict:
+    from essa.files import run_kind
     from essa.report import write_report
-    from essa.sft import SFTConfig, run_sft
+    from essa.tasks.ifeval_data import make_answer_format, write_jsonl
     from essa.trainer import TrainConfig, train
 
-    root = Path(out)
     t0 = time.perf_counter()
-    sft_dir = root / "sft"
-    if not (sft_dir / "adapter_config.json").exists():
-        print("essa demo: 1/3 SFT warm start (LoRA r=8 on q/k/v/o, GSM8K SFT split)")
-        run_sft(SFTConfig(output_dir=str(sft_dir), max_steps=3 if fast else 15, batch_size=4, grad_accum=1,
-                          max_length=320, lr=2e-4, overwrite=True))
-    else:
-        print(f"essa demo: 1/3 reusing the SFT adapter in {sft_dir}")
-    t_sft = time.perf_counter() - t0
+    root = Path(out)
+    train_rows, heldout = make_answer_format()
+    train_path = write_jsonl(train_rows, root / "train.jsonl")
+    heldout_path = write_jsonl(heldout, root / "heldout.jsonl")
+    print(f"essa demo: 1/3 data: {len(train_rows)} training questions ({train_path}), {len(heldout)} held-out "
+          f"questions on other topics ({heldout_path}); SFT start: {demo_adapter()}")
     run_dir = root / "essa"
-    print("essa demo: 2/3 ESSA: CMA-ES over the adapter's singular values, fitness = GSM8K exact answer")
-    cfg = TrainConfig(adapter=str(sft_dir), task="gsm8k", output_dir=str(run_dir), popsize=4 if fast else 6,
-                      generations=1 if fast else 4, batch_size=2 if fast else 4, val_size=4 if fast else 12,
-                      eval_every=2, test_limit=4 if fast else 16, seed=0, sigma0=0.02,
-                      generation=SamplingConfig(max_new_tokens=32 if fast else 128), device="cpu")
-    if run_dir.exists():
-        import shutil
-
+    if run_kind(run_dir) == "train":  # the previous demo's ESSA run; any other non-empty folder is refused by train()
         shutil.rmtree(run_dir)
+    print("essa demo: 2/3 ESSA: CMA-ES over the SFT adapter's singular values, fitness = the answer-format check")
+    cfg = TrainConfig(adapter=str(demo_adapter()), task="ifeval", train_data=str(train_path), test_data=str(heldout_path),
+                      output_dir=str(run_dir), seed=seed, popsize=4 if fast else 8, batch_size=4 if fast else 16,
+                      generations=1 if fast else 10, val_size=4 if fast else 40, eval_every=2,
+                      test_limit=8 if fast else None, calibration_prompts=1 if fast else 4,
+                      generation=SamplingConfig(max_new_tokens=32), device="cpu")
     summary = train(cfg)
     print("essa demo: 3/3 report")
     report = write_report(run_dir)
-    result = {"sft_seconds": round(t_sft, 1), "essa_seconds": summary["wall_seconds"],
-              "test_n": summary.get("test_n"), "test_accuracy_sft": summary.get("test_sft"),
-              "test_accuracy_essa_best": summary.get("test_best"), "test_accuracy_essa_final": summary.get("test_final"),
+    gain = summary.get("test_best_minus_sft", {})
+    result = {"seconds": round(time.perf_counter() - t0, 1), "essa_seconds": summary["wall_seconds"],
+              "generations": summary["generations"], "heldout_n": summary.get("test_n"),
+              "heldout_sft": summary.get("test_sft"), "heldout_essa": summary.get("test_best"),
+              "heldout_gain": gain.get("diff"), "heldout_gain_ci95": gain.get("ci95"),
               "best_adapter": summary["adapters"]["best"], "plot": report["plot"], "report": report["markdown"]}
     print(json.dumps(result, indent=2))
-    print(f"essa demo: done in {time.perf_counter() - t0:.0f} s. Plot: {report['plot']}  "
-          f"ESSA adapter (PEFT): {summary['adapters']['best']}")
+    print(f"essa demo: held-out questions following the format: SFT {result['heldout_sft']:.2f} -> ESSA "
+          f"{result['heldout_essa']:.2f} ({result['heldout_n']} questions on topics never trained on; ESSA - SFT "
+          f"{gain.get('diff', float('nan')):+.2f}, 95 % paired bootstrap interval {gain.get('ci95')}). "
+          f"Done in {result['seconds']:.0f} s. Plot: {report['plot']}  ESSA adapter (PEFT): {summary['adapters']['best']}")
     return result

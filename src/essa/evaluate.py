@@ -70,6 +70,33 @@ def validation_score(task, metric: str, reward_fn, rows: list[dict], texts: list
     return float(metrics[metric])
 
 
+def row_values(task, metric: str, reward_fn, rows: list[dict], texts: list[str]) -> list[float] | None:
+    """Per-row values whose mean is :func:`validation_score` (NaN where a reward was invalid), or None when
+    the metric is not a mean over rows (IFEval's instruction-level ratios)."""
+    if metric == "reward":
+        _, values, _ = score_completions(reward_fn, rows, texts)
+        return [float(v) if math.isfinite(v) else math.nan for v in values]
+    if metric == "accuracy":
+        return row_scores(task.evaluate(rows, texts))
+    return None
+
+
+def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0) -> dict:
+    """mean(b) − mean(a) over paired rows, and its 95 % percentile interval (rows resampled in pairs;
+    pairs with a NaN are left out). ``significant``: the interval is above zero."""
+    import numpy as np
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    d = b[keep] - a[keep]
+    if d.size == 0:
+        return {"diff": math.nan, "ci95": [math.nan, math.nan], "n": 0, "significant": False}
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(draws, d.size))
+    lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
+    return {"diff": round(float(d.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "n": int(d.size),
+            "significant": bool(lo > 0)}
+
+
 @dataclass
 class Selection:
     """Best by validation: the highest validation score so far and the generation (or step) that reached it;

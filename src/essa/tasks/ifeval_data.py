@@ -248,6 +248,33 @@ def make_ifeval_like(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def make_answer_format(heldout_topics: int = 10, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Yes-no questions with IFEval's constrained-response instruction ("Answer with one of the following
+    options: My answer is yes. / no. / maybe."), split by topic: ``(train, heldout)``.
+
+    Every :data:`YES_NO_TASKS` question about every :data:`TOPICS` topic (400 rows); the questions about
+    ``heldout_topics`` topics (drawn with ``seed``) form the held-out rows, so no held-out question shares
+    a topic with a training row. The rows have the IFEval row shape (one instruction each). `essa demo`
+    trains on this task.
+    """
+    if not 1 <= heldout_topics < len(TOPICS):
+        raise EssaError(f"heldout_topics must be in 1..{len(TOPICS) - 1}, got {heldout_topics}")
+    rng = random.Random(seed)
+    topics = sorted(TOPICS)
+    rng.shuffle(topics)
+    held = set(topics[:heldout_topics])
+    train, heldout = [], []
+    for t, topic in enumerate(sorted(TOPICS)):
+        for q, question in enumerate(YES_NO_TASKS):
+            text, args = _build(_CONSTRAINED, rng)
+            row = {"key": f"yn-{t}-{q}", "prompt": f"{question.format(topic=topic)} {_sentence(text)}",
+                   "instruction_id_list": [_CONSTRAINED], "kwargs": [args], "source": "yes_no"}
+            (heldout if topic in held else train).append(row)
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
+
+
 # ------------------------------------------------------------------ rejection sampling
 
 def rejection_sample(rows: list[dict], generate: Callable[[list[str], int], list[list[str]]],
