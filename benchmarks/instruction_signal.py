@@ -76,9 +76,10 @@ def main():
     for j, t in enumerate(args.types):
         s = S[:, j * args.per_type:(j + 1) * args.per_type]
         halves = np.stack([s[1:, :half].mean(1), s[1:, half:].mean(1)])
+        rho = icc(halves)["icc"]  # undefined (None) when the candidates do not differ at all
         per_type[t] = {"sft_pass_rate": round(float(s[0].mean()), 4),
                        "candidate_pass_rates": s[1:].mean(1).round(4).tolist(),
-                       "icc_between_halves": None if np.all(halves == halves[0, 0]) else round(icc(halves)["icc"], 3),
+                       "icc_between_halves": round(rho, 3) if np.isfinite(rho) else None,
                        "mean_words_sft": round(float(words[0, j * args.per_type:(j + 1) * args.per_type].mean()), 1)}
     print(json.dumps({"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "device": "cpu",
                       "python": platform.python_version(), "load_average_start": load0,
