@@ -70,6 +70,8 @@ def test_grpo_trains_validates_and_exports(setup, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["tokens_generated"] == rows[-1]["tokens"]
     assert {"best_val", "test_sft", "test_best", "test_final", "test_n"} <= set(summary)
+    gain = summary["test_final_minus_sft"]  # a reward metric is a mean over rows: paired interval, as essa train
+    assert gain["n"] == 2 and abs(summary["test_final"] - summary["test_sft"] - gain["diff"]) < 1e-3
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
 
     # the final adapter is a normal PEFT adapter: same modules and rank as the SFT one, trained further

@@ -59,26 +59,22 @@ def resolve_system_prompt(task: Task, value: str | None) -> str | None:
 def validation_score(task, metric: str, reward_fn, rows: list[dict], texts: list[str]) -> float:
     """The number validation selects by: the mean reward (``metric='reward'``; invalid values are left
     out, none valid = -inf, so such a model never ranks) or a metric of the task's evaluation."""
+    return scored_rows(task, metric, reward_fn, rows, texts)[0]
+
+
+def scored_rows(task, metric: str, reward_fn, rows: list[dict], texts: list[str]) -> tuple[float, list[float] | None]:
+    """(:func:`validation_score`, its per-row values) from one scoring pass. The per-row values (NaN where a
+    reward was invalid) are None when the metric is not a mean over rows (IFEval's instruction-level ratios)."""
     if metric == "reward":
         _, values, _ = score_completions(reward_fn, rows, texts)
-        valid = [v for v in values if math.isfinite(v)]
-        return float(sum(valid) / len(valid)) if valid else -math.inf
+        per_row = [float(v) if math.isfinite(v) else math.nan for v in values]
+        valid = [v for v in per_row if math.isfinite(v)]
+        return (float(sum(valid) / len(valid)) if valid else -math.inf), per_row
     metrics = task.evaluate(rows, texts)
     if metric not in metrics or isinstance(metrics[metric], bool) or not isinstance(metrics[metric], (int, float)):
         raise EssaError(f"val_metric {metric!r} is not a metric of task {task.name!r}; use 'reward' or one of: "
                         f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))}")
-    return float(metrics[metric])
-
-
-def row_values(task, metric: str, reward_fn, rows: list[dict], texts: list[str]) -> list[float] | None:
-    """Per-row values whose mean is :func:`validation_score` (NaN where a reward was invalid), or None when
-    the metric is not a mean over rows (IFEval's instruction-level ratios)."""
-    if metric == "reward":
-        _, values, _ = score_completions(reward_fn, rows, texts)
-        return [float(v) if math.isfinite(v) else math.nan for v in values]
-    if metric == "accuracy":
-        return row_scores(task.evaluate(rows, texts))
-    return None
+    return float(metrics[metric]), (row_scores(metrics) if metric == "accuracy" else None)
 
 
 def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0) -> dict:

@@ -260,7 +260,7 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     from peft import PeftModel
     from transformers import TrainerCallback
 
-    from essa.evaluate import Selection, validation_score
+    from essa.evaluate import Selection, paired_bootstrap, scored_rows, validation_score
     from essa.files import (
         abandon_run_dir,
         append_jsonl,
@@ -435,11 +435,15 @@ def run_grpo(cfg: GRPORunConfig) -> dict:
     if test_rows is not None:
         test_ids = validator.prompt_ids(test_rows)
         summary["test_metric"] = val_metric
+        per_row = {}
         for name, folder in (("sft", cfg.adapter), ("best", adapters / "best"), ("final", final_dir)):
             _, texts = validator.run(folder, test_rows, test_ids)
-            summary[f"test_{name}"] = validation_score(task, val_metric, reward_fn, test_rows, texts)
+            summary[f"test_{name}"], per_row[name] = scored_rows(task, val_metric, reward_fn, test_rows, texts)
             write_jsonl_atomic(({"prompt": r["prompt"], "completion": t} for r, t in zip(test_rows, texts)),
                                run_dir / f"test-{name}.jsonl")
+        if per_row["sft"] is not None:  # as essa train: paired intervals when the metric is a mean over rows
+            for name in ("best", "final"):
+                summary[f"test_{name}_minus_sft"] = paired_bootstrap(per_row["sft"], per_row[name], seed=cfg.seed)
         summary["test_n"] = len(test_rows)
     write_json(run_dir / "summary.json", summary)
     lock.close()

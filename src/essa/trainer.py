@@ -31,7 +31,7 @@ from essa.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from essa.config import from_dict, help_field, to_dict
 from essa.distributed import DistributedConfig, PromptSet, WorkerSpec, make_pool
 from essa.engine import EngineConfig, engine_settings
-from essa.evaluate import Selection, paired_bootstrap, resolve_system_prompt, row_values, validation_score
+from essa.evaluate import Selection, paired_bootstrap, resolve_system_prompt, scored_rows, validation_score
 from essa.files import (
     abandon_run_dir,
     append_jsonl,
@@ -488,8 +488,7 @@ def run_loop(cfg: TrainConfig, run_dir: Path, pool, task, system_prompt, reward_
         per_row = {}
         for name, per_prompt in zip(("sft", "best", "final"), outs):
             texts = [s[0].text for s in per_prompt]
-            summary[f"test_{name}"] = validation_score(task, val_metric, reward_fn, test_rows, texts)
-            per_row[name] = row_values(task, val_metric, reward_fn, test_rows, texts)
+            summary[f"test_{name}"], per_row[name] = scored_rows(task, val_metric, reward_fn, test_rows, texts)
             write_jsonl_atomic(({"prompt": r["prompt"], "completion": s[0].text} for r, s in zip(test_rows, per_prompt)),
                                run_dir / f"test-{name}.jsonl")
         if per_row["sft"] is not None:  # paired interval of the difference, when the metric is a mean over rows
