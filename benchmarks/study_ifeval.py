@@ -71,17 +71,15 @@ def metric(d: dict, name: str, idx=slice(None)) -> float:
 
 
 def paired_bootstrap(a: dict, b: dict, draws: int = 10_000, seed: int = 0) -> dict:
-    """b − a for every metric: point estimate and 95 % percentile interval, prompts resampled in pairs."""
-    n = len(a["inst"])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(draws, n))
+    """b − a for every metric: point estimate and 95 % percentile interval, prompts resampled in pairs
+    (``essa.evaluate.paired_bootstrap`` with each metric as the statistic)."""
+    from essa.evaluate import paired_bootstrap as bootstrap
+
     out = {}
     for m in METRICS:
-        diffs = np.array([metric(b, m, i) - metric(a, m, i) for i in idx])
-        lo, hi = np.percentile(diffs, [2.5, 97.5])
-        out[m] = {"sft": round(metric(a, m), 4), "essa": round(metric(b, m), 4),
-                  "diff": round(metric(b, m) - metric(a, m), 4), "ci95": [round(lo, 4), round(hi, 4)],
-                  "significant": bool(lo > 0)}
+        res = bootstrap(a, b, draws, seed, statistic=lambda d, idx, m=m: metric(d, m, idx))
+        out[m] = {"sft": round(metric(a, m), 4), "essa": round(metric(b, m), 4), "diff": res["diff"],
+                  "ci95": res["ci95"], "significant": res["significant"]}
     return out
 
 

@@ -22,6 +22,21 @@ def test_demo_ships_its_sft_adapter():
         assert hashlib.sha256((adapter / f).read_bytes()).hexdigest() in provenance, f
 
 
+def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path):
+    from essa import EssaError
+    from essa.demo import run_demo
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.jsonl").write_text("user data\n")
+    with pytest.raises(EssaError, match="not an essa demo folder"):
+        run_demo(fast=True, out=str(tmp_path / "mine"))
+    assert (tmp_path / "mine" / "train.jsonl").read_text() == "user data\n"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["train.jsonl"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EssaError, match="is a file"):
+        run_demo(fast=True, out=str(tmp_path / "file"))
+
+
 @pytest.mark.real
 def test_demo_fast_real_model(tmp_path):
     from essa.demo import run_demo
@@ -38,3 +53,4 @@ def test_demo_fast_real_model(tmp_path):
     # the held-out questions are about topics the training questions never mention
     topics = lambda name: {json.loads(x)["key"].split("-")[1] for x in (tmp_path / "demo" / name).read_text().splitlines()}  # noqa: E731
     assert not topics("train.jsonl") & topics("heldout.jsonl")
+    assert (tmp_path / "demo" / "essa-demo.json").is_file()  # marked: a second demo run may replace it

@@ -53,7 +53,16 @@ def test_paired_bootstrap_interval():
     swapped = paired_bootstrap(a, a[1:] + a[:1])  # as many wins as losses: the interval spans 0
     assert swapped["ci95"][0] < 0 < swapped["ci95"][1] and not swapped["significant"]
     assert paired_bootstrap([1.0, math.nan, 0.0], [1.0, 0.0, 1.0])["n"] == 2  # a pair with an invalid value is left out
-    assert paired_bootstrap(a, a, seed=3) == paired_bootstrap(a, a, seed=3)
+    b = [1.0, 1.0, 0.0, 0.0, 1.0] * 20
+    assert paired_bootstrap(a, b, seed=3) == paired_bootstrap(a, b, seed=3)  # seeded: the same interval twice
+    assert paired_bootstrap(a, b, seed=3)["ci95"] != paired_bootstrap(a, b, seed=4)["ci95"]
+    # a statistic over rows (a ratio, as IFEval's instruction-level accuracy): sums of two columns
+    ratio = lambda d, i: d["hit"][i].sum() / d["n"][i].sum()  # noqa: E731
+    import numpy as np
+    da = {"hit": np.array([1.0, 0.0] * 50), "n": np.array([2.0, 1.0] * 50)}
+    db = {"hit": np.array([2.0, 1.0] * 50), "n": np.array([2.0, 1.0] * 50)}
+    r = paired_bootstrap(da, db, statistic=ratio)
+    assert r["n"] == 100 and abs(r["diff"] - (1 - 1 / 3)) < 1e-3 and r["significant"]
 
 
 def test_sampled_metrics_avg_and_pass():

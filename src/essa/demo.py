@@ -30,6 +30,25 @@ def demo_adapter() -> Path:
     return data_path("demo", "sft-adapter")
 
 
+#: written first into the demo's folder: a later `essa demo --out` may replace what that folder holds, nothing else
+DEMO_MARKER = "essa-demo.json"
+
+
+def claim_demo_folder(root: Path):
+    """Refuse a folder that is neither empty nor an earlier demo's (the demo rewrites its data files and
+    replaces its ESSA run), before anything is written; then mark it as the demo's."""
+    from essa import EssaError
+    from essa.files import write_json
+
+    if root.exists() and not root.is_dir():
+        raise EssaError(f"--out {root} is a file; choose a folder for the demo")
+    if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).is_file():
+        raise EssaError(f"--out {root} is not empty and is not an essa demo folder; choose a new or empty folder "
+                        f"(nothing in it was changed)")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / DEMO_MARKER, {"kind": "essa demo"})
+
+
 def run_demo(fast: bool = False, out: str = "runs/demo", seed: int = 0) -> dict:
     from essa.files import run_kind
     from essa.report import write_report
@@ -38,13 +57,14 @@ def run_demo(fast: bool = False, out: str = "runs/demo", seed: int = 0) -> dict:
 
     t0 = time.perf_counter()
     root = Path(out)
+    claim_demo_folder(root)
     train_rows, heldout = make_answer_format()
     train_path = write_jsonl(train_rows, root / "train.jsonl")
     heldout_path = write_jsonl(heldout, root / "heldout.jsonl")
     print(f"essa demo: 1/3 data: {len(train_rows)} training questions ({train_path}), {len(heldout)} held-out "
           f"questions on other topics ({heldout_path}); SFT start: {demo_adapter()}")
     run_dir = root / "essa"
-    if run_kind(run_dir) == "train":  # the previous demo's ESSA run; any other non-empty folder is refused by train()
+    if run_kind(run_dir) == "train":  # this demo folder's previous ESSA run (claim_demo_folder checked whose folder it is)
         shutil.rmtree(run_dir)
     print("essa demo: 2/3 ESSA: CMA-ES over the SFT adapter's singular values, fitness = the answer-format check")
     cfg = TrainConfig(adapter=str(demo_adapter()), task="ifeval", train_data=str(train_path), test_data=str(heldout_path),

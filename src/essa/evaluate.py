@@ -77,20 +77,30 @@ def scored_rows(task, metric: str, reward_fn, rows: list[dict], texts: list[str]
     return float(metrics[metric]), (row_scores(metrics) if metric == "accuracy" else None)
 
 
-def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0) -> dict:
-    """mean(b) − mean(a) over paired rows, and its 95 % percentile interval (rows resampled in pairs;
-    pairs with a NaN are left out). ``significant``: the interval is above zero."""
+def paired_bootstrap(a, b, draws: int = 10_000, seed: int = 0, statistic=None) -> dict:
+    """statistic(b) − statistic(a) over paired rows, and its 95 % percentile interval (rows resampled in
+    pairs, 10,000 draws). Default: a and b are per-row values, the statistic is their mean, and pairs with a
+    NaN are left out. ``statistic(data, idx)`` (a and b then any data with ``n`` rows, e.g. a dict of
+    per-row arrays) computes the statistic on rows ``idx``, for ratios such as IFEval's instruction-level
+    accuracy. ``significant``: the interval is above zero."""
     import numpy as np
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    keep = np.isfinite(a) & np.isfinite(b)
-    d = b[keep] - a[keep]
-    if d.size == 0:
+    if statistic is None:
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        keep = np.isfinite(a) & np.isfinite(b)
+        a, b = a[keep], b[keep]
+        statistic = lambda x, idx: x[idx].mean(axis=-1)  # noqa: E731
+        n = int(a.size)
+    else:
+        n = len(next(iter(a.values()))) if isinstance(a, dict) else len(a)
+    if n == 0:
         return {"diff": math.nan, "ci95": [math.nan, math.nan], "n": 0, "significant": False}
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(draws, d.size))
-    lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
-    return {"diff": round(float(d.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "n": int(d.size),
-            "significant": bool(lo > 0)}
+    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+    diffs = np.array([statistic(b, i) - statistic(a, i) for i in idx])
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    every = np.arange(n)
+    return {"diff": round(float(statistic(b, every) - statistic(a, every)), 4),
+            "ci95": [round(float(lo), 4), round(float(hi), 4)], "n": n, "significant": bool(lo > 0)}
 
 
 @dataclass
