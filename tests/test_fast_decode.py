@@ -14,7 +14,7 @@ import torch
 from essa import EssaError
 from essa.chat import chat_prompts
 from essa.engine import PopulationEngine
-from essa.fast_decode import DecoderNet, FastDecoder, unsupported_reason
+from essa.fast_decode import DecoderNet, FastDecoder, length_groups, unsupported_reason
 from essa.genome import load_genome
 from essa.models import load_model
 from essa.sampling import SamplingConfig
@@ -68,8 +68,10 @@ def test_fast_matches_hf_path_greedy(tiny):
 
 
 @pytest.mark.parametrize("opts", [STATIC, dict(static_shapes=True, kv_bucket=16, min_graph_rows=2),
-                                  dict(lora_mix="bmm", attention="grouped", fuse_budget_bytes=FUSED)],
-                         ids=["static-fused", "static-big-bucket", "bmm-grouped-fused"])
+                                  dict(lora_mix="bmm", attention="grouped", fuse_budget_bytes=FUSED),
+                                  dict(prefill_waste=1e9), dict(static_shapes=True, kv_bucket=8, min_graph_rows=1, prefill_waste=0.0)],
+                         ids=["static-fused", "static-big-bucket", "bmm-grouped-fused", "one-padded-prefill",
+                              "static-prefill-per-length"])
 def test_fast_variants_and_early_ends_match_hf(tiny, opts):
     """Rows ending at different steps (extra EOS ids): compaction, lagged reads, kept sessions."""
     model, tok, genome, cands, prompts, _, extra_eos = tiny
@@ -86,6 +88,19 @@ def test_fast_variants_and_early_ends_match_hf(tiny, opts):
         assert fast._fast._session is not None and fast._fast._session.children, "expected compaction"
     else:
         assert fast.stats.slot_tokens == 2 * hf.stats.slot_tokens  # the HF path's pruning rule
+
+
+@pytest.mark.parametrize("waste", [0.0, 0.15, 0.5, 1e9])
+def test_length_groups_bound_the_padding(waste):
+    lens = [90, 17, 158, 61, 90, 140, 76, 1, 120, 66]
+    groups = length_groups(lens, waste)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+    for g in groups:
+        assert lens[g[0]] == max(lens[i] for i in g) and lens[g[0]] <= (1 + waste) * min(lens[i] for i in g)
+    assert [lens[g[0]] for g in groups] == sorted({lens[g[0]] for g in groups}, reverse=True)
+    assert len(groups) == {0.0: 9, 1e9: 1}.get(waste, len(groups))
+    padded = sum(lens[g[0]] * len(g) for g in groups)
+    assert padded <= (1 + waste) * sum(lens) and (waste > 1 or padded < max(lens) * len(lens))
 
 
 def test_session_reuse_and_fused_weights_follow_the_model(tiny):

@@ -8,6 +8,10 @@ runs the same network from the same weights with a fixed-shape step instead:
   prompt length + max_new_tokens - 1. The prompt is written left-padded into slots ``[0, T)``;
   decode step ``s`` writes slot ``T + s`` for every row at once (left padding makes the slot the same
   for all rows) with ``index_copy_`` and a one-element index tensor, so the step has static shapes.
+* **Prefill by length groups**: rows whose prompt lengths are within ``prefill_waste`` (15 %) of each other
+  are prefilled together (`length_groups`), each group padded only to its own longest prompt and written
+  into its rows' slots ``[T - t, T)``: one batch padded to the longest prompt of all computed 1.3–1.8×
+  the real prompt tokens on GSM8K (benchmarks/NOTES.md).
 * **Mask**: a key slot is valid when it holds a real prompt token or a generated token
   (``key_valid[N, T_alloc]``, fixed per micro-batch) and is not beyond the current slot; pad slots of
   the prompt are masked. Each row's position is (real prompt tokens) + step, fed to the model's own
@@ -389,8 +393,10 @@ class DecoderNet:
                 g.unfuse()
 
     # ---- the network
-    def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None):
-        """x: [N, t, hidden] embeddings → [N, hidden] final-normed hidden state of the last position."""
+    def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None, rows=None):
+        """x: [N, t, hidden] embeddings → [N, hidden] final-normed hidden state of the last position.
+        Prefill (``prefill_T``): the t prompt positions go to cache slots ``[prefill_T - t, prefill_T)`` of
+        every session row, or of the session rows ``rows`` (a length group, see `FastDecoder`)."""
         N, t, _ = x.shape
         H, KV, hd = self.n_heads, self.kv_heads, self.head_dim
         for li, (layer, (qkv, o, gu, down)) in enumerate(self.layers):
@@ -402,8 +408,12 @@ class DecoderNet:
             q, k = _rope(q, k, cos, sin)
             kc, vc = sess.cache[li, 0], sess.cache[li, 1]
             if prefill_T is not None:
-                kc[:, :, :prefill_T] = k
-                vc[:, :, :prefill_T] = v
+                if rows is None:
+                    kc[:, :, prefill_T - t:prefill_T] = k
+                    vc[:, :, prefill_T - t:prefill_T] = v
+                else:
+                    kc[rows, :, prefill_T - t:prefill_T] = k
+                    vc[rows, :, prefill_T - t:prefill_T] = v
                 a = F.scaled_dot_product_attention(q, _repeat_kv(k, H // KV), _repeat_kv(v, H // KV),
                                                    attn_mask=mask, scale=self.scaling)
             else:
@@ -429,8 +439,12 @@ class DecoderNet:
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p, v).reshape(N, H, 1, hd)
 
-    def logits(self, sess: _Session, h):
+    def logits(self, sess: _Session, h, rows=None):
         h = h[:, 0]
+        if rows is not None:  # a length group's rows of the prefill
+            sess.logits[rows] = (h @ self.model.lm_head.weight.t() if self._lm_plain else self.model.lm_head(h)).to(
+                sess.logits.dtype)
+            return sess.logits
         if self._lm_plain:
             torch.matmul(h, self.model.lm_head.weight.t(), out=sess.logits)
         else:
@@ -445,18 +459,44 @@ class DecoderNet:
         mask = (sess.key_valid[:, :kv_len] & (ar <= sess.slot)).view(sess.N, 1, 1, kv_len)
         return self.logits(sess, self.forward(sess, x, cos, sin, mask, kv_len, None))
 
-    def prefill(self, sess: _Session, ids, valid, T: int):
-        """The left-padded prompts [N, T] into the session's cache → logits of the last position.
+    def prefill(self, sess: _Session, ids, valid, T: int, rows=None):
+        """The left-padded prompts [n, t] into the session's cache slots [T - t, T) → logits of the last
+        position. ``rows`` (a LongTensor): the session rows these prompts belong to (a length group: the
+        other rows are prefilled by other calls); None: all rows, t == T.
         Mask: causal ∧ key-valid, plus the diagonal (a pad query sees itself: no fully masked row)."""
-        dev = self.device
+        dev, t = self.device, ids.shape[1]
         position = (valid.long().cumsum(-1) - 1).clamp_min(0)
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, position)
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
-        logits = self.logits(sess, self.forward(sess, x, cos, sin, mask[:, None], None, T))
-        sess.pos.copy_(position[:, -1:] + 1)
+        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)
+        if rows is not None:  # the group's per-row singular values
+            for g in self.lora_groups:
+                a, b = sess.s[id(g)]
+                g.sA, g.sB = a[rows], b[rows]
+        try:
+            logits = self.logits(sess, self.forward(sess, x, cos, sin, mask[:, None], None, T, rows), rows)
+        finally:
+            if rows is not None:
+                sess.bind(self)
+        if rows is None:
+            sess.pos.copy_(position[:, -1:] + 1)
+        else:
+            sess.pos[rows] = position[:, -1:] + 1
         return logits
+
+
+def length_groups(lens: Sequence[int], max_waste: float) -> list[list[int]]:
+    """Rows grouped by prompt length for the prefill, longest first: in a group the longest prompt is at
+    most ``1 + max_waste`` times any other's, so left padding wastes at most that fraction of a group's
+    prefill (one padded batch of GSM8K chat prompts wastes 1.3–1.8×: benchmarks/NOTES.md)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        if groups and lens[groups[-1][0]] <= (1 + max_waste) * lens[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 class FastDecoder:
@@ -466,7 +506,7 @@ class FastDecoder:
     def __init__(self, model, wrappers: Sequence[nn.Module] = (), *, lora_mix: str = "blockdiag",
                  attention: str | None = None, fuse_budget_bytes: int | None = None,
                  static_shapes: bool | None = None, cuda_graphs: bool | None = None, kv_bucket: int = 64,
-                 check_every: int | None = None, min_graph_rows: int = 64):
+                 check_every: int | None = None, min_graph_rows: int = 64, prefill_waste: float = 0.15):
         self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes)
         self.device = self.net.device
         on_cuda = self.device.type == "cuda"
@@ -477,6 +517,7 @@ class FastDecoder:
         self.kv_bucket = max(1, int(kv_bucket))
         self.check_every = max(1, int(check_every or (8 if self.static else 1)))
         self.min_graph_rows = max(1, int(min_graph_rows))
+        self.prefill_waste = float(prefill_waste)  # length groups of the prefill (`length_groups`)
         self._session: _Session | None = None
         self._graph_failed = False
 
@@ -580,11 +621,21 @@ class FastDecoder:
         stats.prompt_tokens += sum(lens)
         sess.key_valid.fill_(True)
         sess.key_valid[:, :T] = valid
-        if not sess.fresh and sess.T_alloc > T:  # stale slots of an earlier micro-batch: masked, but 0·NaN = NaN
-            sess.cache[:, :, :, :, T:].zero_()
+        groups = length_groups(lens, self.prefill_waste)
+        if not sess.fresh:  # stale slots of an earlier micro-batch: masked, but 0·NaN = NaN
+            if sess.T_alloc > T:
+                sess.cache[:, :, :, :, T:].zero_()
+            if len(groups) > 1:  # the pad slots a length group does not write
+                sess.cache[:, :, :, :, :T - min(lens)].zero_()
         sess.fresh = False
 
-        logits = self.net.prefill(sess, ids, valid, T)
+        if len(groups) == 1:
+            logits = self.net.prefill(sess, ids, valid, T)
+        else:  # one prefill per length group: no compute on long runs of left padding
+            for g in groups:
+                t = lens[g[0]]
+                idx = torch.tensor(g, dtype=torch.long, device=dev)
+                logits = self.net.prefill(sess, ids[idx, T - t:], valid[idx, T - t:], T, rows=idx)
         del ids
 
         gen = torch.full((N + 1, max_new), pad_id, dtype=torch.long, device=dev)  # row N: filler rows
