@@ -1,11 +1,12 @@
-"""Prefill by length groups against one padded prefill, alternated in one process (issue 15).
+"""Ways of prefilling the native engine's rows, alternated in one process (issue 15).
 
-The native engine (fast path) generates for K candidates × P GSM8K prompts (greedy, SmolLM2 fp32) with
-``prefill_waste`` = 1e9 (one batch padded to the longest prompt, the old behaviour) and the default 0.15
-(`essa.fast_decode.length_groups`), ``--repeats`` times each, alternated; prints one JSON object with the
-prompt-length spread, tok/s per run and the median ratio grouped / padded per setting.
+The native engine (fast path) generates for K candidates × P GSM8K prompts (greedy, SmolLM2 fp32) with each
+``--variants`` entry, ``--repeats`` times each, alternated: ``padded`` (one batch padded to the longest
+prompt, the old behaviour), ``groups`` (length groups, `essa.fast_decode.length_groups`, 15 %), ``prefix``
+(length groups and the shared prompt prefix prefilled once per candidate, `shared_prefix`: the default).
+Prints one JSON object: tok/s per run and, per setting, the median ratio of each variant to the first.
 
-    python benchmarks/bench_prefill_groups.py --batches 64 256 --new-tokens 64
+    python benchmarks/bench_prefill_groups.py --batches 64 256 --new-tokens 64 --variants padded groups
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+VARIANTS = {"padded": dict(prefill_waste=1e9, share_prefix=False), "groups": dict(prefill_waste=0.15, share_prefix=False),
+            "prefix": dict(prefill_waste=0.15, share_prefix=True)}
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,11 +36,12 @@ def main():
     ap.add_argument("--candidates", type=int, default=16, help="population modes: K candidates × batch/K prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=["padded", "groups"], choices=list(VARIANTS))
     args = ap.parse_args()
 
     from essa.chat import chat_prompts
     from essa.engine import PopulationEngine
-    from essa.fast_decode import length_groups
+    from essa.fast_decode import length_groups, shared_prefix
     from essa.genome import load_genome
     from essa.models import load_model
     from essa.sampling import SamplingConfig
@@ -61,26 +66,32 @@ def main():
             cands = np.random.default_rng(0).normal(0, 0.05, (K, genome.dimension)).astype(np.float32) if pop else None
             speeds = {}
             for _ in range(args.repeats):
-                for waste in (1e9, 0.15):
+                for name in args.variants:
+                    opts = VARIANTS[name]
                     eng = PopulationEngine(copy.deepcopy(model), tok, genome if pop else None)
-                    eng._fast.prefill_waste = waste
+                    for k, v in opts.items():
+                        setattr(eng._fast, k, v)
                     eng.generate(ids[:1], None if cands is None else cands[:1], SamplingConfig(max_new_tokens=4))
                     u0, t = eng.stats.useful_tokens, time.perf_counter()
                     eng.generate(ids[:P], cands, SamplingConfig(max_new_tokens=args.new_tokens))
                     dt = time.perf_counter() - t
                     tok_s = (eng.stats.useful_tokens - u0) / dt
-                    groups = length_groups(rows, waste)
-                    rec = {"batch": batch, "candidates": K, "prompts": P, "prefill_waste": waste, "seconds": round(dt, 2),
-                           "tok_s": round(tok_s, 1), "groups": len(groups),
-                           "prefill_tokens_computed": sum(rows[g[0]] * len(g) for g in groups),
+                    seqs = [ids[p] for _ in range(K) for p in range(P)]
+                    c = shared_prefix(seqs, [k for k in range(K) for _ in range(P)]) if opts["share_prefix"] else 0
+                    rest = [n - c for n in rows]
+                    groups = length_groups(rest, opts["prefill_waste"])
+                    rec = {"batch": batch, "candidates": K, "prompts": P, "variant": name, **opts, "seconds": round(dt, 2),
+                           "tok_s": round(tok_s, 1), "groups": len(groups), "shared_prefix": c,
+                           "prefill_tokens_computed": sum(rest[g[0]] * len(g) for g in groups) + c * (K if c else 0),
                            "prompt_tokens": sum(rows), "load_average": round(os.getloadavg()[0], 2)}
                     result["runs"].append(rec)
-                    speeds.setdefault(waste, []).append(tok_s)
+                    speeds.setdefault(name, []).append(tok_s)
                     print(json.dumps(rec), file=sys.stderr, flush=True)
                     del eng
             key = f"{batch} rows, {'K=%d candidates' % K if pop else 'base'}"
-            result["ratios"][key] = round(statistics.median(
-                g / p for g, p in zip(speeds[0.15], speeds[1e9])), 3)
+            base = args.variants[0]
+            result["ratios"][key] = {f"{name}/{base}": round(statistics.median(
+                a / b for a, b in zip(speeds[name], speeds[base])), 3) for name in args.variants[1:]}
     result["load_average_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
 

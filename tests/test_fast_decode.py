@@ -14,7 +14,7 @@ import torch
 from essa import EssaError
 from essa.chat import chat_prompts
 from essa.engine import PopulationEngine
-from essa.fast_decode import DecoderNet, FastDecoder, length_groups, unsupported_reason
+from essa.fast_decode import MIN_SHARED_PREFIX, DecoderNet, FastDecoder, length_groups, shared_prefix, unsupported_reason
 from essa.genome import load_genome
 from essa.models import load_model
 from essa.sampling import SamplingConfig
@@ -65,11 +65,13 @@ def test_fast_matches_hf_path_greedy(tiny):
     assert dump(out) == dump(ref)
     assert len({tuple(x[0].token_ids) for y in out for x in y}) > 4, "candidates should differ"
     assert fast.stats.slot_tokens == 12 * 24 and fast.stats.useful_tokens == 12 * 24
+    assert shared_prefix(prompts * 4, [k for k in range(4) for _ in prompts]) >= MIN_SHARED_PREFIX  # the path shares one
 
 
 @pytest.mark.parametrize("opts", [STATIC, dict(static_shapes=True, kv_bucket=16, min_graph_rows=2),
                                   dict(lora_mix="bmm", attention="grouped", fuse_budget_bytes=FUSED),
-                                  dict(prefill_waste=1e9), dict(static_shapes=True, kv_bucket=8, min_graph_rows=1, prefill_waste=0.0)],
+                                  dict(prefill_waste=1e9, share_prefix=False),
+                                  dict(static_shapes=True, kv_bucket=8, min_graph_rows=1, prefill_waste=0.0)],
                          ids=["static-fused", "static-big-bucket", "bmm-grouped-fused", "one-padded-prefill",
                               "static-prefill-per-length"])
 def test_fast_variants_and_early_ends_match_hf(tiny, opts):
@@ -101,6 +103,16 @@ def test_length_groups_bound_the_padding(waste):
     assert len(groups) == {0.0: 9, 1e9: 1}.get(waste, len(groups))
     padded = sum(lens[g[0]] * len(g) for g in groups)
     assert padded <= (1 + waste) * sum(lens) and (waste > 1 or padded < max(lens) * len(lens))
+
+
+def test_shared_prefix_only_when_it_saves_work():
+    head = list(range(100, 112))                                     # 12 tokens every prompt starts with
+    seqs = [head + [1, 2, 3], head + [4], head + [1, 2]]
+    assert shared_prefix(seqs, [0, 0, 1]) == 12
+    assert shared_prefix(seqs, [0, 1, 2]) == 0                        # one row per candidate: nothing to share
+    assert shared_prefix([head, head + [5]], [0, 0]) == 11            # one token of each prompt stays for the logits
+    assert shared_prefix([head[:7] + [1], head[:7] + [2]], [0, 0]) == 0   # under MIN_SHARED_PREFIX
+    assert shared_prefix([[1] + head, head], [0, 0]) == 0
 
 
 def test_session_reuse_and_fused_weights_follow_the_model(tiny):

@@ -11,7 +11,10 @@ runs the same network from the same weights with a fixed-shape step instead:
 * **Prefill by length groups**: rows whose prompt lengths are within ``prefill_waste`` (15 %) of each other
   are prefilled together (`length_groups`), each group padded only to its own longest prompt and written
   into its rows' slots ``[T - t, T)``: one batch padded to the longest prompt of all computed 1.3–1.8×
-  the real prompt tokens on GSM8K (benchmarks/NOTES.md).
+  the real prompt tokens on GSM8K (benchmarks/NOTES.md). A token prefix common to every prompt (system prompt
+  and chat template: 19–24 tokens here) is prefilled once per candidate into slots ``[0, c)`` and copied to
+  that candidate's other rows (`shared_prefix`); the rest of each prompt is right-aligned at T as before and
+  attends to it. Attention does not care where a key sits, only its rotary position and mask.
 * **Mask**: a key slot is valid when it holds a real prompt token or a generated token
   (``key_valid[N, T_alloc]``, fixed per micro-batch) and is not beyond the current slot; pad slots of
   the prompt are masked. Each row's position is (real prompt tokens) + step, fed to the model's own
@@ -393,10 +396,12 @@ class DecoderNet:
                 g.unfuse()
 
     # ---- the network
-    def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None, rows=None):
+    def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None, rows=None,
+                prefix: int = 0):
         """x: [N, t, hidden] embeddings → [N, hidden] final-normed hidden state of the last position.
         Prefill (``prefill_T``): the t prompt positions go to cache slots ``[prefill_T - t, prefill_T)`` of
-        every session row, or of the session rows ``rows`` (a length group, see `FastDecoder`)."""
+        every session row, or of the session rows ``rows`` (a length group, see `FastDecoder`); with
+        ``prefix`` > 0 they also attend to the shared prefix already in slots ``[0, prefix)``."""
         N, t, _ = x.shape
         H, KV, hd = self.n_heads, self.kv_heads, self.head_dim
         for li, (layer, (qkv, o, gu, down)) in enumerate(self.layers):
@@ -414,6 +419,9 @@ class DecoderNet:
                 else:
                     kc[rows, :, prefill_T - t:prefill_T] = k
                     vc[rows, :, prefill_T - t:prefill_T] = v
+                if prefix:
+                    kp, vp = (kc[:, :, :prefix], vc[:, :, :prefix]) if rows is None else (kc[rows, :, :prefix], vc[rows, :, :prefix])
+                    k, v = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
                 a = F.scaled_dot_product_attention(q, _repeat_kv(k, H // KV), _repeat_kv(v, H // KV),
                                                    attn_mask=mask, scale=self.scaling)
             else:
@@ -459,23 +467,26 @@ class DecoderNet:
         mask = (sess.key_valid[:, :kv_len] & (ar <= sess.slot)).view(sess.N, 1, 1, kv_len)
         return self.logits(sess, self.forward(sess, x, cos, sin, mask, kv_len, None))
 
-    def prefill(self, sess: _Session, ids, valid, T: int, rows=None):
+    def prefill(self, sess: _Session, ids, valid, T: int, rows=None, prefix: int = 0):
         """The left-padded prompts [n, t] into the session's cache slots [T - t, T) → logits of the last
         position. ``rows`` (a LongTensor): the session rows these prompts belong to (a length group: the
-        other rows are prefilled by other calls); None: all rows, t == T.
+        other rows are prefilled by other calls); None: all rows, t == T. ``prefix``: the rows' first
+        ``prefix`` tokens are already in slots [0, prefix) (a shared prefix) and ``ids`` are what follows.
         Mask: causal ∧ key-valid, plus the diagonal (a pad query sees itself: no fully masked row)."""
-        dev, t = self.device, ids.shape[1]
-        position = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        dev, (n, t) = self.device, ids.shape
+        position = prefix + (valid.long().cumsum(-1) - 1).clamp_min(0)
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, position)
         causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
         mask = (causal & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)
+        if prefix:
+            mask = torch.cat([torch.ones(n, t, prefix, dtype=torch.bool, device=dev), mask], dim=-1)
         if rows is not None:  # the group's per-row singular values
             for g in self.lora_groups:
                 a, b = sess.s[id(g)]
                 g.sA, g.sB = a[rows], b[rows]
         try:
-            logits = self.logits(sess, self.forward(sess, x, cos, sin, mask[:, None], None, T, rows), rows)
+            logits = self.logits(sess, self.forward(sess, x, cos, sin, mask[:, None], None, T, rows, prefix), rows)
         finally:
             if rows is not None:
                 sess.bind(self)
@@ -484,6 +495,20 @@ class DecoderNet:
         else:
             sess.pos[rows] = position[:, -1:] + 1
         return logits
+
+
+MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix is prefilled with the rest of each prompt
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]], owners: Sequence[int]) -> int:
+    """Length of the token prefix common to every sequence when prefilling it once per owner saves work (some
+    owner has two or more rows; at least ``MIN_SHARED_PREFIX`` tokens; one token of every sequence left after
+    it, whose logits start the decode), else 0. An owner is a candidate: the LoRA on k/v makes a prefix's KV
+    cache differ between candidates, never between the prompts of one."""
+    if not seqs or len(set(owners)) == len(owners):
+        return 0
+    c = min(len(os.path.commonprefix([list(x) for x in seqs])), min(len(x) for x in seqs) - 1)
+    return c if c >= MIN_SHARED_PREFIX else 0
 
 
 def length_groups(lens: Sequence[int], max_waste: float) -> list[list[int]]:
@@ -506,7 +531,8 @@ class FastDecoder:
     def __init__(self, model, wrappers: Sequence[nn.Module] = (), *, lora_mix: str = "blockdiag",
                  attention: str | None = None, fuse_budget_bytes: int | None = None,
                  static_shapes: bool | None = None, cuda_graphs: bool | None = None, kv_bucket: int = 64,
-                 check_every: int | None = None, min_graph_rows: int = 64, prefill_waste: float = 0.15):
+                 check_every: int | None = None, min_graph_rows: int = 64, prefill_waste: float = 0.15,
+                 share_prefix: bool = True):
         self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes)
         self.device = self.net.device
         on_cuda = self.device.type == "cuda"
@@ -518,6 +544,7 @@ class FastDecoder:
         self.check_every = max(1, int(check_every or (8 if self.static else 1)))
         self.min_graph_rows = max(1, int(min_graph_rows))
         self.prefill_waste = float(prefill_waste)  # length groups of the prefill (`length_groups`)
+        self.share_prefix = bool(share_prefix)     # a prompt prefix common to all rows: prefilled once per candidate
         self._session: _Session | None = None
         self._graph_failed = False
 
@@ -605,7 +632,10 @@ class FastDecoder:
     def _decode(self, sess: _Session, chunk, prompt_ids, lens, T, s_A, s_B, cfg, tracker: EndTracker, pad_id: int, stats):
         dev, N, max_new = self.device, len(chunk), cfg.max_new_tokens
         on_cuda = dev.type == "cuda"
-        ids, valid = left_pad([prompt_ids[p] for _, p, _ in chunk], pad_id)
+        seqs = [list(prompt_ids[p]) for _, p, _ in chunk]
+        owners = [k for k, _, _ in chunk] if self.net.lora_groups else [0] * N   # rows of one owner share a prefix's KV
+        c = shared_prefix(seqs, owners) if self.share_prefix else 0
+        ids, valid = left_pad([x[c:] for x in seqs], pad_id)          # what follows the prefix, right-aligned at T
         ids, valid = ids.to(dev), valid.to(dev)
         keys = row_keys(chunk, cfg.num_samples).to(dev)
         sess.bind(self.net)
@@ -620,22 +650,33 @@ class FastDecoder:
                 b.copy_(rB[:, g.genome_idx].reshape(N, 1, -1))
         stats.prompt_tokens += sum(lens)
         sess.key_valid.fill_(True)
-        sess.key_valid[:, :T] = valid
-        groups = length_groups(lens, self.prefill_waste)
+        sess.key_valid[:, c:T] = valid
+        rest = [n - c for n in lens]
+        groups = length_groups(rest, self.prefill_waste)
         if not sess.fresh:  # stale slots of an earlier micro-batch: masked, but 0·NaN = NaN
             if sess.T_alloc > T:
                 sess.cache[:, :, :, :, T:].zero_()
             if len(groups) > 1:  # the pad slots a length group does not write
-                sess.cache[:, :, :, :, :T - min(lens)].zero_()
+                sess.cache[:, :, :, :, :T - min(rest)].zero_()
         sess.fresh = False
 
+        if c:  # the shared prefix, once per owner: slots [0, c) of its first row, then copied to its other rows
+            first: dict[int, int] = {}
+            for i, k in enumerate(owners):
+                first.setdefault(k, i)
+            pre = torch.tensor([seqs[i][:c] for i in first.values()], dtype=torch.long, device=dev)
+            self.net.prefill(sess, pre, torch.ones_like(pre, dtype=torch.bool), c,
+                             rows=torch.tensor(list(first.values()), dtype=torch.long, device=dev))
+            src = torch.tensor([first[k] for k in owners], dtype=torch.long, device=dev)
+            sess.cache[:, :, :, :, :c] = sess.cache[:, :, src, :, :c]
         if len(groups) == 1:
-            logits = self.net.prefill(sess, ids, valid, T)
+            logits = self.net.prefill(sess, ids, valid, T, prefix=c)
         else:  # one prefill per length group: no compute on long runs of left padding
+            Tr = T - c
             for g in groups:
-                t = lens[g[0]]
+                t = rest[g[0]]
                 idx = torch.tensor(g, dtype=torch.long, device=dev)
-                logits = self.net.prefill(sess, ids[idx, T - t:], valid[idx, T - t:], T, rows=idx)
+                logits = self.net.prefill(sess, ids[idx, Tr - t:], valid[idx, Tr - t:], T, rows=idx, prefix=c)
         del ids
 
         gen = torch.full((N + 1, max_new), pad_id, dtype=torch.long, device=dev)  # row N: filler rows
