@@ -82,7 +82,7 @@ def main():
                     groups = length_groups(rest, opts["prefill_waste"])
                     rec = {"batch": batch, "candidates": K, "prompts": P, "variant": name, **opts, "seconds": round(dt, 2),
                            "tok_s": round(tok_s, 1), "groups": len(groups), "shared_prefix": c,
-                           "prefill_tokens_computed": sum(rest[g[0]] * len(g) for g in groups) + c * (K if c else 0),
+                           "prefill_tokens_computed": sum(rest[g[0]] * len(g) for g in groups) + c * K,
                            "prompt_tokens": sum(rows), "load_average": round(os.getloadavg()[0], 2)}
                     result["runs"].append(rec)
                     speeds.setdefault(name, []).append(tok_s)

@@ -668,7 +668,8 @@ class FastDecoder:
             self.net.prefill(sess, pre, torch.ones_like(pre, dtype=torch.bool), c,
                              rows=torch.tensor(list(first.values()), dtype=torch.long, device=dev))
             src = torch.tensor([first[k] for k in owners], dtype=torch.long, device=dev)
-            sess.cache[:, :, :, :, :c] = sess.cache[:, :, src, :, :c]
+            for layer_cache in sess.cache:  # per layer: a temporary of one layer's prefix KV, not all of them
+                layer_cache[:, :, :, :c] = layer_cache[:, src, :, :c]
         if len(groups) == 1:
             logits = self.net.prefill(sess, ids, valid, T, prefix=c)
         else:  # one prefill per length group: no compute on long runs of left padding
