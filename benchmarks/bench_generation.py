@@ -6,11 +6,15 @@ Prints one JSON object: device, versions, command, load average, and per (mode, 
 useful-tokens/s, this process's CPU time and peak memory so far (vLLM's engine runs in its own processes: its CPU
 time and memory are not in these; `results-cpu-engines.json` was written before its CPU fields were nulled).
 Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora.
-Each engine generates one short warm-up call before it is timed.
+Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
+batch, alternated (this shared CPU scatters 10–20 % between runs of one mode): the ratios are per round and
+their median.
 
     python benchmarks/bench_generation.py                       # GPU defaults: batches 64 256 1024, 256 tokens
     python benchmarks/bench_generation.py --batches 64 256 --new-tokens 64 \
         --modes hf engine_base engine_pop vllm_base vllm_lora  # CPU-sized, all engines
+    python benchmarks/bench_generation.py --batches 64 256 --new-tokens 64 --device cpu --repeats 2 \
+        --modes engine_base engine_pop vllm_base vllm_lora     # the README's "Engines" table
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["hf", "engine_base", "engine_pop"],
                     choices=["hf", "engine_base", "engine_pop", "vllm_base", "vllm_lora"])
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of all modes per batch, alternated; ratios are the median of each round's ratio")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--sigma", type=float, default=0.05, help="std of the candidate offsets")
     args = ap.parse_args()
@@ -103,7 +109,7 @@ def main():
         print(json.dumps({"mode": mode, "start_seconds": round(time.perf_counter() - t, 1)}), file=sys.stderr, flush=True)
     results = []
     for batch in args.batches:
-        for mode in args.modes:
+        for rnd, mode in [(r, m) for r in range(args.repeats) for m in args.modes]:  # rounds alternate the modes
             vllm_mode = mode in vllm_engines
             if mode == "hf":
                 ids = all_ids[:batch]
@@ -156,7 +162,7 @@ def main():
                 dt, dc = time.perf_counter() - t, time.process_time() - c
                 slot, useful = eng.stats.slot_tokens - slot0, eng.stats.useful_tokens - useful0
                 del m, eng
-            rec = {"mode": mode, "batch": batch, "seconds": round(dt, 3), "slot_tokens": slot, "useful_tokens": useful,
+            rec = {"mode": mode, "batch": batch, "round": rnd, "seconds": round(dt, 3), "slot_tokens": slot, "useful_tokens": useful,
                    "slot_tok_s": round(slot / dt, 1), "useful_tok_s": round(useful / dt, 1),
                    # CPU time of this process: a steadier measure than wall time on a shared CPU
                    # (null for vLLM: it decodes in its own processes, this one only waits)
@@ -181,16 +187,25 @@ def main():
 
 
 def ratios(results: list[dict]) -> dict:
-    """Per batch: native population vs vLLM base and vLLM multi-LoRA, native base vs vLLM base (useful tok/s)."""
+    """Per batch: native population vs vLLM base and vLLM multi-LoRA, native base vs vLLM base (useful tok/s):
+    each round's ratio (modes measured back to back), and their median over rounds."""
+    import statistics
+
+    pairs = {"engine_pop/vllm_base": ("engine_pop", "vllm_base"), "engine_pop/vllm_lora": ("engine_pop", "vllm_lora"),
+             "engine_base/vllm_base": ("engine_base", "vllm_base"), "engine_pop/engine_base": ("engine_pop", "engine_base"),
+             "vllm_lora/vllm_base": ("vllm_lora", "vllm_base")}
     out = {}
     for batch in sorted({r["batch"] for r in results}):
-        tps = {r["mode"]: r["useful_tok_s"] for r in results if r["batch"] == batch}
-        pairs = {"engine_pop/vllm_base": ("engine_pop", "vllm_base"), "engine_pop/vllm_lora": ("engine_pop", "vllm_lora"),
-                 "engine_base/vllm_base": ("engine_base", "vllm_base"), "engine_pop/engine_base": ("engine_pop", "engine_base"),
-                 "vllm_lora/vllm_base": ("vllm_lora", "vllm_base")}
-        out[str(batch)] = {k: round(tps[a] / tps[b], 3) for k, (a, b) in pairs.items() if a in tps and b in tps}
+        per_round: dict[str, list[float]] = {}
+        for rnd in sorted({r.get("round", 0) for r in results if r["batch"] == batch}):
+            tps = {r["mode"]: r["useful_tok_s"] for r in results if r["batch"] == batch and r.get("round", 0) == rnd}
+            for k, (a, b) in pairs.items():
+                if a in tps and b in tps:
+                    per_round.setdefault(k, []).append(round(tps[a] / tps[b], 3))
+        out[str(batch)] = {k: round(statistics.median(v), 3) for k, v in per_round.items()}
+        if any(len(v) > 1 for v in per_round.values()):
+            out[f"{batch} per round"] = per_round
     return out
-
 
 if __name__ == "__main__":
     main()

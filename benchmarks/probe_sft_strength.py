@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import counts, paired_bootstrap, run  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import clean_heldout_keys, eval_ifeval, paired_bootstrap, run  # noqa: E402  (benchmarks/ is not a package)
 
 SFT = ["--task", "ifeval", "--epochs", "6", "--batch-size", "4", "--grad-accum", "2", "--max-length", "512",
        "--lr", "1e-3", "--warmup-ratio", "0.0", "--device", "cpu"]
@@ -39,8 +39,6 @@ def main(argv=None):
     ap.add_argument("--heldout", default="runs/study/heldout.jsonl", help="the study's held-out generated prompts")
     ap.add_argument("--sft-evals", default="runs/study", help="the shipped SFT adapter's eval files (study_ifeval.py's)")
     args = ap.parse_args(argv)
-
-    from essa.tasks.ifeval_data import make_answer_format
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -60,28 +58,17 @@ def main(argv=None):
     sft = out / "sft"
     step(essa + ["sft", "--data", args.sft_data, "--output-dir", str(sft)] + SFT, sft / "adapter_config.json",
          out / "sft.log")
-    demo_questions = {r["prompt"].split("?")[0] for r in make_answer_format()[0]}
-    heldout = [json.loads(x) for x in Path(args.heldout).read_text().splitlines() if x.strip()]
-    clean = {r["key"] for r in heldout if not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)}
+    clean = clean_heldout_keys([json.loads(x) for x in Path(args.heldout).read_text().splitlines() if x.strip()])
 
-    def evaluate(adapter: Path, name: str) -> dict:
-        res = {}
-        for split, data in (("ifeval", None), ("heldout", args.heldout)):
-            path = out / f"eval-{split}-{name}.jsonl"
-            cmd = essa + ["eval", "--task", "ifeval", "--adapter", str(adapter), "--max-new-tokens", "256",
-                          "--device", "cpu", "--output", str(path)] + ([] if data is None else ["--data", str(data)])
-            step(cmd, path, out / f"eval-{split}-{name}.log")
-            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            res[split] = counts([r for r in rows if split == "ifeval" or r["key"] in clean])
-        return res
+    def evaluate(adapter: Path, name: str, folder: Path = out) -> dict:
+        return eval_ifeval(adapter, folder, name, Path(args.heldout), clean, commands, reused)
 
     sft_res = evaluate(sft, "sft")
-    shipped = {split: Path(args.sft_evals) / f"eval-{split}-sft.jsonl" for split in ("ifeval", "heldout")}
-    if all(p.exists() for p in shipped.values()):  # the stronger SFT against the shipped one (its evals: the study's)
-        reused.extend(str(p) for p in shipped.values())
-        result["strong_minus_shipped_sft"] = {split: paired_bootstrap(counts(
-            [r for r in map(json.loads, p.read_text().splitlines()) if split == "ifeval" or r["key"] in clean]), sft_res[split])
-            for split, p in shipped.items()}
+    if all((Path(args.sft_evals) / f"eval-{split}-sft.jsonl").exists() for split in ("ifeval", "heldout")):
+        # the stronger SFT against the shipped one (its eval files: the study's, reused)
+        shipped = evaluate(None, "sft", Path(args.sft_evals))
+        result["strong_minus_shipped_sft"] = {split: paired_bootstrap(shipped[split], sft_res[split])
+                                              for split in ("ifeval", "heldout")}
     result["per_seed"] = {}
     for seed in args.seeds:
         run_dir = out / f"s{seed}" / "essa"

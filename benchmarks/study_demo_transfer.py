@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import counts, paired_bootstrap, run  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import clean_heldout_keys, eval_ifeval, paired_bootstrap, run  # noqa: E402  (benchmarks/ is not a package)
 
 
 def main(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
 
     from essa.demo import demo_adapter
     from essa.tasks import get_task, load_rows, seeded_split
-    from essa.tasks.ifeval_data import make_answer_format, write_jsonl
+    from essa.tasks.ifeval_data import write_jsonl
 
     out, sft_dir = Path(args.out).resolve(), Path(args.sft_evals).resolve()
     sft_dir.mkdir(parents=True, exist_ok=True)
@@ -58,27 +58,11 @@ def main(argv=None):
     heldout_path = sft_dir / "heldout.jsonl"
     if not heldout_path.exists():
         write_jsonl(heldout, heldout_path)
-    demo_questions = {r["prompt"].split("?")[0] for r in make_answer_format()[0]}
-    clean = {r["key"] for r in heldout if not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)}
+    clean = clean_heldout_keys(heldout)
     result["heldout_rows"], result["overlap_removed"] = len(clean), len(heldout) - len(clean)
 
     def evaluate(adapter: Path, folder: Path, name: str) -> dict:
-        res = {}
-        for split, data in (("ifeval", None), ("heldout", heldout_path)):
-            path = folder / f"eval-{split}-{name}.jsonl"
-            if path.exists():
-                reused.append(str(path))
-            else:
-                cmd = essa + ["eval", "--task", "ifeval", "--adapter", str(adapter), "--max-new-tokens", "256",
-                              "--device", "cpu", "--output", str(path)]
-                if data is not None:
-                    cmd += ["--data", str(data)]
-                run(cmd, folder / f"eval-{split}-{name}.log", commands)
-            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            if split == "heldout":
-                rows = [r for r in rows if r["key"] in clean]
-            res[split] = counts(rows)
-        return res
+        return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
 
     sft = evaluate(demo_adapter(), sft_dir, "sft")
     result["per_seed"] = {}

@@ -48,11 +48,6 @@ def run(cmd: list[str], log: Path, record: list) -> float:
     return wall
 
 
-def per_prompt(path: Path) -> dict[str, np.ndarray]:
-    """Per-prompt (followed, instructions) counts and all-followed flags from an `essa eval` jsonl."""
-    return counts([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
-
-
 def counts(rows: list[dict]) -> dict[str, np.ndarray]:
     """Per-prompt counts from IFEval results (``strict_list``, ``loose_list``, ``strict_all``, ``loose_all``)."""
     return {"strict_n": np.array([sum(r["strict_list"]) for r in rows], float),
@@ -68,6 +63,35 @@ def metric(d: dict, name: str, idx=slice(None)) -> float:
     if name == "inst_strict":
         return d["strict_n"][idx].sum() / d["inst"][idx].sum()
     return d[name.replace("prompt_", "") + "_all"][idx].mean()
+
+
+def clean_heldout_keys(heldout: list[dict]) -> set[str]:
+    """Keys of the held-out generated prompts that the demo task does not train on (the demo's yes/no
+    questions also appear, with other instructions, among the generated prompts: those are dropped)."""
+    from essa.tasks.ifeval_data import make_answer_format
+
+    demo_questions = {r["prompt"].split("?")[0] for r in make_answer_format()[0]}
+    return {r["key"] for r in heldout if not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)}
+
+
+def eval_ifeval(adapter: Path, folder: Path, name: str, heldout: Path, keep: set[str] | None, commands: list,
+                reused: list, tokens: int = 256) -> dict:
+    """`essa eval` of an adapter on all 541 IFEval prompts and on the held-out generated prompts ``heldout``
+    (the rows whose key is in ``keep``; None: all), greedy, ``tokens`` new tokens → {"ifeval": counts,
+    "heldout": counts}. The eval files ``folder/eval-{split}-{name}.jsonl`` are reused when they exist
+    (and listed in ``reused``)."""
+    res = {}
+    for split, data in (("ifeval", None), ("heldout", heldout)):
+        path = folder / f"eval-{split}-{name}.jsonl"
+        if path.exists():
+            reused.append(str(path))
+        else:
+            run([sys.executable, "-m", "essa.cli", "eval", "--task", "ifeval", "--adapter", str(adapter),
+                 "--max-new-tokens", str(tokens), "--device", "cpu", "--output", str(path)]
+                + ([] if data is None else ["--data", str(data)]), folder / f"eval-{split}-{name}.log", commands)
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        res[split] = counts([r for r in rows if split == "ifeval" or keep is None or r["key"] in keep])
+    return res
 
 
 def paired_bootstrap(a: dict, b: dict, draws: int = 10_000, seed: int = 0) -> dict:
@@ -125,17 +149,7 @@ def main(argv=None):
         write_jsonl(train, out / "train.jsonl")
 
     def evaluate(adapter: Path, name: str) -> dict:
-        res = {}
-        for split, data in (("ifeval", None), ("heldout", out / "heldout.jsonl")):
-            path = out / f"eval-{split}-{name}.jsonl"
-            if not path.exists():
-                cmd = essa + ["eval", "--task", "ifeval", "--adapter", str(adapter), "--max-new-tokens",
-                              str(args.eval_tokens), "--device", "cpu", "--output", str(path)]
-                if data is not None:
-                    cmd += ["--data", str(data)]
-                run(cmd, out / f"eval-{split}-{name}.log", commands)
-            res[split] = per_prompt(path)
-        return res
+        return eval_ifeval(adapter, out, name, out / "heldout.jsonl", None, commands, [], args.eval_tokens)
 
     base = evaluate(sft, "sft")  # first: the reference every seed is compared with
     result.update({"sft_adapter": str(sft), "heldout_prompts": args.heldout,

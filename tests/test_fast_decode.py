@@ -71,9 +71,10 @@ def test_fast_matches_hf_path_greedy(tiny):
 @pytest.mark.parametrize("opts", [STATIC, dict(static_shapes=True, kv_bucket=16, min_graph_rows=2),
                                   dict(lora_mix="bmm", attention="grouped", fuse_budget_bytes=FUSED),
                                   dict(prefill_waste=1e9, share_prefix=False),
-                                  dict(static_shapes=True, kv_bucket=8, min_graph_rows=1, prefill_waste=0.0)],
+                                  dict(static_shapes=True, kv_bucket=8, min_graph_rows=1, prefill_waste=0.0),
+                                  dict(prefill_tokens=1)],
                          ids=["static-fused", "static-big-bucket", "bmm-grouped-fused", "one-padded-prefill",
-                              "static-prefill-per-length"])
+                              "static-prefill-per-length", "prefill-one-row-per-call"])
 def test_fast_variants_and_early_ends_match_hf(tiny, opts):
     """Rows ending at different steps (extra EOS ids): compaction, lagged reads, kept sessions."""
     model, tok, genome, cands, prompts, _, extra_eos = tiny
@@ -103,6 +104,21 @@ def test_length_groups_bound_the_padding(waste):
     assert len(groups) == {0.0: 9, 1e9: 1}.get(waste, len(groups))
     padded = sum(lens[g[0]] * len(g) for g in groups)
     assert padded <= (1 + waste) * sum(lens) and (waste > 1 or padded < max(lens) * len(lens))
+
+
+def test_memory_plan_counts_the_fast_prefill_once_per_call(tiny):
+    """The fast path prefills at most `prefill_rows` rows per call, so the planner charges the prefill's
+    activations once, not per row: more rows fit the same budget than on the HF path, and within it."""
+    model, tok, genome, *_ = tiny
+    hf = PopulationEngine(copy.deepcopy(model), tok, genome, fast=False, memory_budget_gb=0.05)
+    fast = PopulationEngine(copy.deepcopy(model), tok, genome, fast=True, memory_budget_gb=0.05)
+    prompt, new = 200, 16
+    per_row = fast._kv_bytes_per_token * (prompt + new) + 4 * fast.vocab * 8   # KV cache and logits of a row
+    fast._fast.prefill_tokens = 2 * prompt            # 2 rows per prefill call
+    n = fast.rows_per_batch(prompt, new)
+    assert n > hf.rows_per_batch(prompt, new) and n * per_row <= fast.memory_budget
+    fast._fast.prefill_tokens = 10**9                 # the whole micro-batch in one call: the HF path's plan
+    assert fast.rows_per_batch(prompt, new) == hf.rows_per_batch(prompt, new)
 
 
 def test_shared_prefix_only_when_it_saves_work():

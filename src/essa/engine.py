@@ -177,17 +177,21 @@ class PopulationEngine:
         return 4 * 2**30
 
     def rows_per_batch(self, prompt_len: int, max_new: int) -> int:
-        """How many rows fit the memory budget: KV cache + prefill activations + logits per row."""
+        """How many rows fit the memory budget: KV cache + logits per row, plus the prefill's activations —
+        per row on the HF path (one prefill of the whole micro-batch), for at most `FastDecoder.prefill_rows`
+        rows on the fast path (it prefills in calls of bounded size)."""
         cfg = self.model.config
         hidden = getattr(cfg, "hidden_size", 1024)
         inter = getattr(cfg, "intermediate_size", 4 * hidden)
         heads = getattr(cfg, "num_attention_heads", 16)
         elem = 4
         per_row = (self._kv_bytes_per_token * (prompt_len + max_new)
-                   + prompt_len * (6 * hidden + 3 * inter) * elem      # prefill activations of one layer
-                   + heads * prompt_len * prompt_len * elem             # attention scores (math SDPA)
                    + 4 * self.vocab * 8)                                # logits, probabilities, sort
-        n = max(1, self.memory_budget // per_row)
+        prefill = (prompt_len * (6 * hidden + 3 * inter) * elem         # prefill activations of one layer
+                   + heads * prompt_len * prompt_len * elem)            # attention scores (math SDPA)
+        n = max(1, self.memory_budget // (per_row + prefill))
+        if self._fast is not None and n > self._fast.prefill_rows(prompt_len):
+            n = max(n, (self.memory_budget - self._fast.prefill_rows(prompt_len) * prefill) // per_row)
         return int(min(n, self.max_batch_rows or n))
 
     # ---- rows

@@ -14,7 +14,9 @@ runs the same network from the same weights with a fixed-shape step instead:
   the real prompt tokens on GSM8K (benchmarks/NOTES.md). A token prefix common to every prompt (system prompt
   and chat template: 19–24 tokens here) is prefilled once per candidate into slots ``[0, c)`` and copied to
   that candidate's other rows (`shared_prefix`); the rest of each prompt is right-aligned at T as before and
-  attends to it. Attention does not care where a key sits, only its rotary position and mask.
+  attends to it. Attention does not care where a key sits, only its rotary position and mask. A prefill call
+  takes at most ``prefill_tokens`` (16,384) rows × tokens (a larger group takes several calls), so its
+  activations stay bounded whatever the micro-batch and the engine's memory plan counts them once.
 * **Mask**: a key slot is valid when it holds a real prompt token or a generated token
   (``key_valid[N, T_alloc]``, fixed per micro-batch) and is not beyond the current slot; pad slots of
   the prompt are masked. Each row's position is (real prompt tokens) + step, fed to the model's own
@@ -532,7 +534,7 @@ class FastDecoder:
                  attention: str | None = None, fuse_budget_bytes: int | None = None,
                  static_shapes: bool | None = None, cuda_graphs: bool | None = None, kv_bucket: int = 64,
                  check_every: int | None = None, min_graph_rows: int = 64, prefill_waste: float = 0.15,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, prefill_tokens: int = 16384):
         self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes)
         self.device = self.net.device
         on_cuda = self.device.type == "cuda"
@@ -545,6 +547,7 @@ class FastDecoder:
         self.min_graph_rows = max(1, int(min_graph_rows))
         self.prefill_waste = float(prefill_waste)  # length groups of the prefill (`length_groups`)
         self.share_prefix = bool(share_prefix)     # a prompt prefix common to all rows: prefilled once per candidate
+        self.prefill_tokens = max(1, int(prefill_tokens))  # rows × tokens per prefill call: bounds its activations
         self._session: _Session | None = None
         self._graph_failed = False
 
@@ -603,6 +606,11 @@ class FastDecoder:
         if self.static:
             self._session = sess
         return sess
+
+    def prefill_rows(self, prompt_len: int) -> int:
+        """Rows of ``prompt_len`` tokens prefilled per call (a length group with more rows takes several
+        calls), so the prefill's activations do not grow with the micro-batch (the engine's memory plan)."""
+        return max(1, self.prefill_tokens // max(1, prompt_len))
 
     def release(self):
         """Free the kept buffers and graphs."""
@@ -670,14 +678,16 @@ class FastDecoder:
             src = torch.tensor([first[k] for k in owners], dtype=torch.long, device=dev)
             for layer_cache in sess.cache:  # per layer: a temporary of one layer's prefix KV, not all of them
                 layer_cache[:, :, :, :c] = layer_cache[:, src, :, :c]
-        if len(groups) == 1:
+        if len(groups) == 1 and N <= self.prefill_rows(T - c):
             logits = self.net.prefill(sess, ids, valid, T, prefix=c)
-        else:  # one prefill per length group: no compute on long runs of left padding
+        else:  # one prefill per length group (no compute on long runs of left padding), in calls of ≤ prefill_tokens
             Tr = T - c
             for g in groups:
                 t = rest[g[0]]
-                idx = torch.tensor(g, dtype=torch.long, device=dev)
-                logits = self.net.prefill(sess, ids[idx, Tr - t:], valid[idx, Tr - t:], T, rows=idx, prefix=c)
+                step = self.prefill_rows(t)
+                for i in range(0, len(g), step):
+                    idx = torch.tensor(g[i:i + step], dtype=torch.long, device=dev)
+                    logits = self.net.prefill(sess, ids[idx, Tr - t:], valid[idx, Tr - t:], T, rows=idx, prefix=c)
         del ids
 
         gen = torch.full((N + 1, max_new), pad_id, dtype=torch.long, device=dev)  # row N: filler rows
