@@ -672,9 +672,11 @@ class FastDecoder:
             first: dict[int, int] = {}
             for i, k in enumerate(owners):
                 first.setdefault(k, i)
-            pre = torch.tensor([seqs[i][:c] for i in first.values()], dtype=torch.long, device=dev)
-            self.net.prefill(sess, pre, torch.ones_like(pre, dtype=torch.bool), c,
-                             rows=torch.tensor(list(first.values()), dtype=torch.long, device=dev))
+            firsts, step = list(first.values()), self.prefill_rows(c)
+            for i in range(0, len(firsts), step):
+                pre = torch.tensor([seqs[j][:c] for j in firsts[i:i + step]], dtype=torch.long, device=dev)
+                self.net.prefill(sess, pre, torch.ones_like(pre, dtype=torch.bool), c,
+                                 rows=torch.tensor(firsts[i:i + step], dtype=torch.long, device=dev))
             src = torch.tensor([first[k] for k in owners], dtype=torch.long, device=dev)
             for layer_cache in sess.cache:  # per layer: a temporary of one layer's prefix KV, not all of them
                 layer_cache[:, :, :, :c] = layer_cache[:, src, :, :c]
