@@ -4,7 +4,7 @@ adapters, exported and loaded per call as `essa train` does every generation).
 
 Prints one JSON object: device, versions, command, load average, and per (mode, batch) slot- and
 useful-tokens/s, this process's CPU time and peak memory so far (vLLM's engine runs in its own processes: its CPU
-time and memory are not in these; `results-cpu-engines.json` was written before its CPU fields were nulled).
+time and memory are not in these: null).
 Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora.
 Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
 batch, alternated (this shared CPU scatters 10–20 % between runs of one mode): the ratios are per round and
@@ -206,6 +206,7 @@ def ratios(results: list[dict]) -> dict:
         if any(len(v) > 1 for v in per_round.values()):
             out[f"{batch} per round"] = per_round
     return out
+
 
 if __name__ == "__main__":
     main()

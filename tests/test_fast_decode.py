@@ -113,10 +113,13 @@ def test_memory_plan_counts_the_fast_prefill_once_per_call(tiny):
     hf = PopulationEngine(copy.deepcopy(model), tok, genome, fast=False, memory_budget_gb=0.05)
     fast = PopulationEngine(copy.deepcopy(model), tok, genome, fast=True, memory_budget_gb=0.05)
     prompt, new = 200, 16
+    cfg = model.config
     per_row = fast._kv_bytes_per_token * (prompt + new) + 4 * fast.vocab * 8   # KV cache and logits of a row
+    prefill = prompt * (6 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4 + cfg.num_attention_heads * prompt**2 * 4
     fast._fast.prefill_tokens = 2 * prompt            # 2 rows per prefill call
     n = fast.rows_per_batch(prompt, new)
-    assert n > hf.rows_per_batch(prompt, new) and n * per_row <= fast.memory_budget
+    assert n > hf.rows_per_batch(prompt, new) == fast.memory_budget // (per_row + prefill)
+    assert n == (fast.memory_budget - 2 * prefill) // per_row   # the prefill charged for 2 rows, not n
     fast._fast.prefill_tokens = 10**9                 # the whole micro-batch in one call: the HF path's plan
     assert fast.rows_per_batch(prompt, new) == hf.rows_per_batch(prompt, new)
 

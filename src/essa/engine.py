@@ -190,8 +190,9 @@ class PopulationEngine:
         prefill = (prompt_len * (6 * hidden + 3 * inter) * elem         # prefill activations of one layer
                    + heads * prompt_len * prompt_len * elem)            # attention scores (math SDPA)
         n = max(1, self.memory_budget // (per_row + prefill))
-        if self._fast is not None and n > self._fast.prefill_rows(prompt_len):
-            n = max(n, (self.memory_budget - self._fast.prefill_rows(prompt_len) * prefill) // per_row)
+        cap = None if self._fast is None else self._fast.prefill_rows(prompt_len)   # rows per prefill call
+        if cap is not None and n > cap:
+            n = max(n, (self.memory_budget - cap * prefill) // per_row)
         return int(min(n, self.max_batch_rows or n))
 
     # ---- rows
