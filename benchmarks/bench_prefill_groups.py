@@ -3,10 +3,12 @@
 The native engine (fast path) generates for K candidates × P GSM8K prompts (greedy, SmolLM2 fp32) with each
 ``--variants`` entry, ``--repeats`` times each, alternated: ``padded`` (one batch padded to the longest
 prompt, the old behaviour), ``groups`` (length groups, `essa.fast_decode.length_groups`, 15 %), ``prefix``
-(length groups and the shared prompt prefix prefilled once per candidate, `shared_prefix`: the default).
+(length groups and the shared prompt prefix prefilled once per candidate, `shared_prefix`), all three with
+plain `F.linear` weights; ``packed`` (``prefix`` with oneDNN-packed weights on the CPU, `pack_weight`: the default).
 Prints one JSON object: tok/s per run and, per setting, the median ratio of each variant to the first.
 
     python benchmarks/bench_prefill_groups.py --batches 64 256 --new-tokens 64 --variants padded groups
+    python benchmarks/bench_prefill_groups.py --batches 64 256 --new-tokens 64 --variants prefix packed
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VARIANTS = {"padded": dict(prefill_waste=1e9, share_prefix=False), "groups": dict(prefill_waste=0.15, share_prefix=False),
-            "prefix": dict(prefill_waste=0.15, share_prefix=True)}
+VARIANTS = {"padded": dict(prefill_waste=1e9, share_prefix=False, pack=False),
+            "groups": dict(prefill_waste=0.15, share_prefix=False, pack=False),
+            "prefix": dict(prefill_waste=0.15, share_prefix=True, pack=False),
+            "packed": dict(prefill_waste=0.15, share_prefix=True, pack=True)}
 
 
 def main():
@@ -69,8 +73,8 @@ def main():
                 for name in args.variants:
                     opts = VARIANTS[name]
                     eng = PopulationEngine(copy.deepcopy(model), tok, genome if pop else None)
-                    for k, v in opts.items():
-                        setattr(eng._fast, k, v)
+                    for k, v in opts.items():  # `pack` is the network's, the rest the decoder's
+                        setattr(eng._fast.net if k == "pack" else eng._fast, k, v)
                     eng.generate(ids[:1], None if cands is None else cands[:1], SamplingConfig(max_new_tokens=4))
                     u0, t = eng.stats.useful_tokens, time.perf_counter()
                     eng.generate(ids[:P], cands, SamplingConfig(max_new_tokens=args.new_tokens))

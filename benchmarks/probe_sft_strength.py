@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import clean_heldout_keys, eval_ifeval, paired_bootstrap, run  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import clean_heldout_keys, demo_seed_record, eval_ifeval, paired_bootstrap, run  # noqa: E402  (benchmarks/ is not a package)
 
 SFT = ["--task", "ifeval", "--epochs", "6", "--batch-size", "4", "--grad-accum", "2", "--max-length", "512",
        "--lr", "1e-3", "--warmup-ratio", "0.0", "--device", "cpu"]
@@ -77,12 +77,7 @@ def main(argv=None):
                      "--set", f"seed={seed}"], run_dir / "summary.json", out / f"s{seed}.log")
         summary = json.loads((run_dir / "summary.json").read_text())
         essa_res = evaluate(Path(summary["adapters"]["best"]), f"s{seed}")
-        result["per_seed"][str(seed)] = {
-            "demo_heldout": {"sft": summary["test_sft"], "essa": summary["test_best"],
-                             "diff_ci95": summary.get("test_best_minus_sft")},
-            "essa_wall_seconds": summary["wall_seconds"], "generations": summary["generations"],
-            "best_val": summary["best_val"], "best_val_generation": summary["best_val_generation"],
-            **{split: paired_bootstrap(sft_res[split], essa_res[split]) for split in ("ifeval", "heldout")}}
+        result["per_seed"][str(seed)] = demo_seed_record(summary, sft_res, essa_res)
     result.update(heldout_rows=len(clean), commands=commands, reused=reused,
                   wall_seconds=round(time.perf_counter() - t0, 1), load_average_end=os.getloadavg())
     print(json.dumps(result, indent=2))

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import clean_heldout_keys, eval_ifeval, paired_bootstrap, run  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import demo_seed_record, eval_ifeval, run, study_heldout  # noqa: E402  (benchmarks/ is not a package)
 
 
 def main(argv=None):
@@ -41,8 +41,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from essa.demo import demo_adapter
-    from essa.tasks import get_task, load_rows, seeded_split
-    from essa.tasks.ifeval_data import write_jsonl
 
     out, sft_dir = Path(args.out).resolve(), Path(args.sft_evals).resolve()
     sft_dir.mkdir(parents=True, exist_ok=True)
@@ -53,13 +51,8 @@ def main(argv=None):
               "load_average_start": os.getloadavg(), "seeds": args.seeds, "sft_adapter": str(demo_adapter())}
     t0 = time.perf_counter()
 
-    rl = load_rows(get_task("ifeval"), "rl")
-    heldout = seeded_split(rl, [200, len(rl) - 200], 2026)[0]   # the learning study's held-out rows
-    heldout_path = sft_dir / "heldout.jsonl"
-    if not heldout_path.exists():
-        write_jsonl(heldout, heldout_path)
-    clean = clean_heldout_keys(heldout)
-    result["heldout_rows"], result["overlap_removed"] = len(clean), len(heldout) - len(clean)
+    heldout_path, clean = study_heldout(sft_dir)   # the learning study's 200 held-out rows
+    result["heldout_rows"], result["overlap_removed"] = len(clean), 200 - len(clean)
 
     def evaluate(adapter: Path, folder: Path, name: str) -> dict:
         return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
@@ -75,12 +68,7 @@ def main(argv=None):
             run(essa + ["demo", "--out", str(run_dir), "--seed", str(seed)], out / f"demo-s{seed}.log", commands)
         summary = json.loads(summary_path.read_text())
         essa_res = evaluate(Path(summary["adapters"]["best"]), run_dir, "essa")
-        result["per_seed"][str(seed)] = {
-            "demo_heldout": {"sft": summary["test_sft"], "essa": summary["test_best"],
-                             "diff_ci95": summary.get("test_best_minus_sft")},
-            "essa_wall_seconds": summary["wall_seconds"], "generations": summary["generations"],
-            "best_val": summary["best_val"], "best_val_generation": summary["best_val_generation"],
-            **{split: paired_bootstrap(sft[split], essa_res[split]) for split in ("ifeval", "heldout")}}
+        result["per_seed"][str(seed)] = demo_seed_record(summary, sft, essa_res)
     result.update(commands=commands, reused=reused, wall_seconds=round(time.perf_counter() - t0, 1),
                   load_average_end=os.getloadavg())
     print(json.dumps(result, indent=2))

@@ -74,6 +74,33 @@ def clean_heldout_keys(heldout: list[dict]) -> set[str]:
     return {r["key"] for r in heldout if not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)}
 
 
+def study_heldout(folder: Path, n: int = 200) -> tuple[Path, set[str]]:
+    """The learning study's held-out generated prompts (``n`` rows of the task's ``rl`` split, seeded 2026;
+    never used for SFT, training or validation), written to ``folder/heldout.jsonl`` when it is missing, and
+    the keys scored on them (`clean_heldout_keys`)."""
+    from essa.tasks import get_task, load_rows, seeded_split
+    from essa.tasks.ifeval_data import write_jsonl
+
+    rl = load_rows(get_task("ifeval"), "rl")
+    heldout = seeded_split(rl, [n, len(rl) - n], 2026)[0]
+    path = folder / "heldout.jsonl"
+    if not path.exists():
+        write_jsonl(heldout, path)
+    return path, clean_heldout_keys(heldout)
+
+
+def demo_seed_record(summary: dict, sft: dict, essa: dict) -> dict:
+    """One seed of a demo-style ESSA run (its `summary.json`) scored against the SFT start: the demo's
+    held-out questions (the run's own test report) and ESSA − SFT on IFEval and the held-out generated
+    prompts (``sft``/``essa``: `eval_ifeval` results)."""
+    return {"demo_heldout": {"sft": summary["test_sft"], "essa": summary["test_best"],
+                             "diff_ci95": summary.get("test_best_minus_sft")},
+            "essa_wall_seconds": summary["wall_seconds"], "generations": summary["generations"],
+            "tokens": summary.get("tokens"), "best_val": summary["best_val"],
+            "best_val_generation": summary["best_val_generation"],
+            **{split: paired_bootstrap(sft[split], essa[split]) for split in ("ifeval", "heldout")}}
+
+
 def eval_ifeval(adapter: Path, folder: Path, name: str, heldout: Path, keep: set[str] | None, commands: list,
                 reused: list, tokens: int = 256) -> dict:
     """`essa eval` of an adapter on all 541 IFEval prompts and on the held-out generated prompts ``heldout``

@@ -14,7 +14,17 @@ import torch
 from essa import EssaError
 from essa.chat import chat_prompts
 from essa.engine import PopulationEngine
-from essa.fast_decode import MIN_SHARED_PREFIX, DecoderNet, FastDecoder, length_groups, shared_prefix, unsupported_reason
+from essa.fast_decode import (
+    MIN_SHARED_PREFIX,
+    DecoderNet,
+    FastDecoder,
+    length_groups,
+    pack_weight,
+    packed_linear,
+    packing_available,
+    shared_prefix,
+    unsupported_reason,
+)
 from essa.genome import load_genome
 from essa.models import load_model
 from essa.sampling import SamplingConfig
@@ -72,9 +82,9 @@ def test_fast_matches_hf_path_greedy(tiny):
                                   dict(lora_mix="bmm", attention="grouped", fuse_budget_bytes=FUSED),
                                   dict(prefill_waste=1e9, share_prefix=False),
                                   dict(static_shapes=True, kv_bucket=8, min_graph_rows=1, prefill_waste=0.0),
-                                  dict(prefill_tokens=1)],
+                                  dict(prefill_tokens=1), dict(pack=False)],
                          ids=["static-fused", "static-big-bucket", "bmm-grouped-fused", "one-padded-prefill",
-                              "static-prefill-per-length", "prefill-one-row-per-call"])
+                              "static-prefill-per-length", "prefill-one-row-per-call", "unpacked-weights"])
 def test_fast_variants_and_early_ends_match_hf(tiny, opts):
     """Rows ending at different steps (extra EOS ids): compaction, lagged reads, kept sessions."""
     model, tok, genome, cands, prompts, _, extra_eos = tiny
@@ -134,12 +144,14 @@ def test_shared_prefix_only_when_it_saves_work():
     assert shared_prefix([[1] + head, head], [0, 0]) == 0
 
 
-def test_session_reuse_and_fused_weights_follow_the_model(tiny):
-    """A kept session serves a micro-batch with longer prompts; fused weight copies are rebuilt when the
-    base weights change in place."""
+@pytest.mark.parametrize("opts", [STATIC, dict(static_shapes=True, check_every=3, kv_bucket=8, min_graph_rows=1)],
+                         ids=["fused", "packed"])
+def test_session_reuse_and_weight_copies_follow_the_model(tiny, opts):
+    """A kept session serves a micro-batch with longer prompts; fused weight copies (and, on the CPU, the
+    oneDNN-packed ones) are rebuilt when the base weights change in place."""
     model, tok, genome, cands, prompts, ref, _ = tiny
     cfg = SamplingConfig(max_new_tokens=24)
-    fast = engine(model, tok, genome, fast=True, **STATIC)
+    fast = engine(model, tok, genome, fast=True, **opts)
     hf = engine(model, tok, genome, fast=False)
     longer = chat_prompts(tok, PROMPTS, "Be brief, and answer in English.")
     assert 0 < max(map(len, longer)) - max(map(len, prompts)) <= 16  # within the reuse window (2 buckets)
@@ -155,6 +167,18 @@ def test_session_reuse_and_fused_weights_follow_the_model(tiny):
     changed = dump(hf.generate(prompts, cands, cfg))
     assert changed != dump(ref)
     assert dump(fast.generate(prompts, cands, cfg)) == changed
+    net = fast._fast.net
+    if "fuse_budget_bytes" not in opts and packing_available():  # the CPU default packs every unfused weight
+        assert net.pack and net._lm_packed is not None
+        assert all(w is not None for _, gs in net.layers for g in gs for w in g.packed)
+
+
+def test_packed_linear_matches_f_linear():
+    if not packing_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    x, w, b = torch.randn(2, 5, 64), torch.randn(48, 64), torch.randn(48)
+    torch.testing.assert_close(packed_linear(x, pack_weight(w), b), torch.nn.functional.linear(x, w, b))
+    torch.testing.assert_close(packed_linear(x[0, :1], pack_weight(w)), x[0, :1] @ w.t())  # any row count
 
 
 @pytest.mark.parametrize("opts", [{}, STATIC], ids=["default", "static"])

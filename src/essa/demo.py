@@ -49,11 +49,22 @@ def claim_demo_folder(root: Path):
     write_json(root / DEMO_MARKER, {"kind": "essa demo"})
 
 
+def demo_config(train_path: Path, heldout_path: Path, run_dir: Path, seed: int = 0, fast: bool = False):
+    """The demo's ESSA run as a :class:`essa.trainer.TrainConfig` (``benchmarks/probe_demo_axes.py`` varies it)."""
+    from essa.trainer import TrainConfig
+
+    return TrainConfig(adapter=str(demo_adapter()), task="ifeval", train_data=str(train_path), test_data=str(heldout_path),
+                       output_dir=str(run_dir), seed=seed, popsize=4 if fast else 8, batch_size=4 if fast else 16,
+                       generations=1 if fast else 10, val_size=4 if fast else 40, eval_every=2,
+                       test_limit=8 if fast else None, calibration_prompts=1 if fast else 4,
+                       generation=SamplingConfig(max_new_tokens=32), device="cpu")
+
+
 def run_demo(fast: bool = False, out: str = "runs/demo", seed: int = 0) -> dict:
     from essa.files import run_kind
     from essa.report import write_report
     from essa.tasks.ifeval_data import make_answer_format, write_jsonl
-    from essa.trainer import TrainConfig, train
+    from essa.trainer import train
 
     t0 = time.perf_counter()
     root = Path(out)
@@ -67,12 +78,7 @@ def run_demo(fast: bool = False, out: str = "runs/demo", seed: int = 0) -> dict:
     if run_kind(run_dir) == "train":  # this demo folder's previous ESSA run (claim_demo_folder checked whose folder it is)
         shutil.rmtree(run_dir)
     print("essa demo: 2/3 ESSA: CMA-ES over the SFT adapter's singular values, fitness = the answer-format check")
-    cfg = TrainConfig(adapter=str(demo_adapter()), task="ifeval", train_data=str(train_path), test_data=str(heldout_path),
-                      output_dir=str(run_dir), seed=seed, popsize=4 if fast else 8, batch_size=4 if fast else 16,
-                      generations=1 if fast else 10, val_size=4 if fast else 40, eval_every=2,
-                      test_limit=8 if fast else None, calibration_prompts=1 if fast else 4,
-                      generation=SamplingConfig(max_new_tokens=32), device="cpu")
-    summary = train(cfg)
+    summary = train(demo_config(train_path, heldout_path, run_dir, seed, fast))
     print("essa demo: 3/3 report")
     report = write_report(run_dir)
     gain = summary.get("test_best_minus_sft", {})

@@ -164,6 +164,31 @@ def _plain_linear(m) -> bool:
         m.bias is None or type(m.bias) in (nn.Parameter, torch.Tensor))
 
 
+def _packable(m) -> bool:
+    """A plain fp32 nn.Linear on the CPU, where oneDNN's packed-weight GEMM can replace it."""
+    return _plain_linear(m) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+
+
+#: rows the packed layout is chosen for (oneDNN's batch-size hint; any row count is computed correctly)
+PACK_ROWS_HINT = 64
+
+
+def packing_available() -> bool:
+    """Whether this torch has oneDNN's packed linear (x86 and aarch64 CPU builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """A [out, in] fp32 weight reordered into oneDNN's blocked layout (a copy: the module keeps its own)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), PACK_ROWS_HINT)
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with W packed by `pack_weight` (CPU GEMMs at SmolLM2's shapes: 1.2–2× F.linear's
+    throughput, benchmarks/NOTES.md)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
 # --------------------------------------------------------------------------------- projection groups
 
 class _Group:
@@ -180,6 +205,8 @@ class _Group:
         self.folded = False         # Vh_A rows are part of W
         self.sA = self.sB = None    # [N, 1, G·r] per-row singular values (session buffers)
         self._sig = None
+        self.packed = None          # oneDNN-packed base weights (CPU, `pack`), one per base (None: called as a module)
+        self._psig = None
         if self.wrapped:
             ws = [modules[j] for j in self.wrapped]
             self.r = ws[0].M.shape[0]
@@ -246,6 +273,19 @@ class _Group:
         self.folded = False
         self._sig = None
 
+    # ---- oneDNN-packed base weights (CPU; see `_packable`)
+    def pack(self):
+        """(Re)pack the plain fp32 base weights when they changed since the last packing."""
+        sig = self._base_sig()
+        if self.packed is not None and sig == self._psig:
+            return
+        self.packed = [pack_weight(b.weight) if _packable(b) else None for b in self.bases]
+        self._psig = sig
+
+    def _base(self, j: int, x):
+        w = None if self.packed is None else self.packed[j]
+        return self.bases[j](x) if w is None else packed_linear(x, w, self.bases[j].bias)
+
     # ---- forward
     def _mix_rows(self, h):
         """The r-dimensional middle, in fp32: (h ⊙ s_A) · M ⊙ s_B; returned in the projections' dtype."""
@@ -268,7 +308,7 @@ class _Group:
                 base, h = y[..., :self._O], y[..., self._O:]
                 y = base + (self._mix_rows(h) @ self.U_full).to(base.dtype)
             return list(y.split(self.out_sizes, dim=-1)) if len(self.out_sizes) > 1 else [y]
-        outs = [b(x) for b in self.bases]
+        outs = [self._base(j, x) for j in range(len(self.bases))]
         if self.wrapped:
             h = self._mix_rows(x.to(self.io_dtype) @ self.Vh)
             lora = (h @ self.U_wrapped).split(self.wrapped_out, dim=-1)
@@ -336,7 +376,7 @@ class DecoderNet:
     step into a session's static buffers. It owns no buffers, sessions, graphs or rows (`FastDecoder` does)."""
 
     def __init__(self, model, wrappers: Sequence[nn.Module] = (), *, lora_mix: str = "blockdiag",
-                 attention: str | None = None, fuse_budget_bytes: int | None = None):
+                 attention: str | None = None, fuse_budget_bytes: int | None = None, pack: bool | None = None):
         reason = unsupported_reason(model, wrappers)
         if reason is not None:
             raise EssaError(f"the fast decode path does not support this model: {reason}; use fast=False")
@@ -355,6 +395,7 @@ class DecoderNet:
         self.n_heads = getattr(cfg, "num_attention_heads")
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.scaling = attn0.scaling
+        self.gqa = self.n_heads != self.kv_heads  # a plain bool (torch.compile: not a symbolic one)
         self.windows = [_sliding_window(model, layer.self_attn) for layer in inner.layers]
         lm = model.lm_head
         self.vocab_out = lm.weight.shape[0] if hasattr(lm, "weight") else cfg.vocab_size
@@ -376,6 +417,13 @@ class DecoderNet:
             fuse_budget_bytes = _default_fuse_budget(self.device)
         self.fuse_budget_bytes = fuse_budget_bytes
         self._plan_fusion()
+        # CPU: the unfused projections and lm_head run oneDNN's packed-weight GEMM (a packed copy of each
+        # plain fp32 weight); env ESSA_FAST_PACK=0/1 overrides the default (A/B benchmarks)
+        env = os.environ.get("ESSA_FAST_PACK", "").strip().lower()
+        if pack is None:
+            pack = env in ("1", "true", "yes", "on") if env else self.device.type == "cpu"
+        self.pack = bool(pack) and packing_available()
+        self._lm_packed = self._lm_psig = None
 
 
     # ---- fusion plan: q/k/v and gate/up first (launches saved), then o/down (LoRA down-projection folded)
@@ -390,12 +438,24 @@ class DecoderNet:
                     self._fused.append(g)
 
     def refresh(self):
-        """Rebuild fused weights whose base weights changed (cheap signature check per call)."""
+        """Rebuild fused and packed weights whose base weights changed (cheap signature check per call)."""
         for g in self._fused:
             if all(_plain_linear(b) for b in g.bases):
                 g.fuse()
             else:
                 g.unfuse()
+        if self.pack:
+            for _, gs in self.layers:
+                for g in gs:
+                    if g.W is None:
+                        g.pack()
+            lm = self.model.lm_head
+            if self._lm_plain and _packable(lm):
+                sig = _signature(lm.weight)
+                if sig != self._lm_psig:
+                    self._lm_packed, self._lm_psig = pack_weight(lm.weight), sig
+            else:
+                self._lm_packed = self._lm_psig = None
 
     # ---- the network
     def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None, rows=None,
@@ -440,7 +500,7 @@ class DecoderNet:
     def attend(self, q, k, v, mask):
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=self.n_heads != self.kv_heads)
+                                                  enable_gqa=self.gqa)
         N, H, _, hd = q.shape
         KV = k.shape[1]
         qg = q.reshape(N, KV, H // KV, hd)
@@ -451,6 +511,13 @@ class DecoderNet:
 
     def logits(self, sess: _Session, h, rows=None):
         h = h[:, 0]
+        if self._lm_packed is not None:
+            out = packed_linear(h, self._lm_packed)
+            if rows is None:
+                sess.logits.copy_(out)
+            else:
+                sess.logits[rows] = out
+            return sess.logits
         if rows is not None:  # a length group's rows of the prefill
             sess.logits[rows] = (h @ self.model.lm_head.weight.t() if self._lm_plain else self.model.lm_head(h)).to(
                 sess.logits.dtype)
@@ -534,8 +601,9 @@ class FastDecoder:
                  attention: str | None = None, fuse_budget_bytes: int | None = None,
                  static_shapes: bool | None = None, cuda_graphs: bool | None = None, kv_bucket: int = 64,
                  check_every: int | None = None, min_graph_rows: int = 64, prefill_waste: float = 0.15,
-                 share_prefix: bool = True, prefill_tokens: int = 16384):
-        self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes)
+                 share_prefix: bool = True, prefill_tokens: int = 16384, pack: bool | None = None):
+        self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes,
+                              pack=pack)
         self.device = self.net.device
         on_cuda = self.device.type == "cuda"
         # static shapes (the CUDA policy; settable on CPU so tests exercise it): attention over kv buckets,

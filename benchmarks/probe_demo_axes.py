@@ -1,0 +1,97 @@
+"""The demo's ESSA run with one search axis changed: genome size (α) or population × mini-batch (issue 11).
+
+The learning issue's search lists "rank and α" and "population and batch" among the axes to try before
+calling the bar out of reach. This probe runs the demo's ESSA configuration (``essa.demo.demo_config``:
+the shipped SFT adapter, the answer-format task, population 8, mini-batch 16, 10 generations, 32 new
+tokens) with `essa train --set` overrides, and scores each best-by-validation adapter like
+``study_demo_transfer.py``: the demo's held-out questions (the run's own test report), all 541 IFEval
+prompts and the learning study's held-out generated prompts (greedy, 256 new tokens), ESSA − SFT with
+paired bootstrap intervals (10,000 draws, 95 %).
+
+    python benchmarks/probe_demo_axes.py --out runs/axes --set alpha=0.125 --seeds 0 1
+    python benchmarks/probe_demo_axes.py --out runs/axes --set popsize=16 --set batch_size=8 --seeds 0
+
+Each combination of overrides gets its own folder (``OUT/alpha=0.125/s0``); the SFT adapter's eval files
+go to ``OUT/sft`` (or ``--sft-evals``, e.g. the study's). Outputs that exist are reused (listed under
+``reused``). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_ifeval import demo_seed_record, eval_ifeval, run, study_heldout  # noqa: E402  (benchmarks/ is not a package)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/axes")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="`essa train --set` override of the demo's configuration (repeatable)")
+    ap.add_argument("--sft-evals", default=None, help="folder of the SFT adapter's eval files (default OUT/sft)")
+    args = ap.parse_args(argv)
+
+    from essa.config import to_dict
+    from essa.demo import demo_adapter, demo_config
+    from essa.files import write_json
+    from essa.tasks.ifeval_data import make_answer_format, write_jsonl
+
+    out = Path(args.out).resolve()
+    sft_dir = Path(args.sft_evals).resolve() if args.sft_evals else out / "sft"
+    sft_dir.mkdir(parents=True, exist_ok=True)
+    essa = [sys.executable, "-m", "essa.cli"]
+    commands, reused = [], []
+    result = {"study": "demo-axes", "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+              "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "load_average_start": os.getloadavg(), "seeds": args.seeds, "overrides": args.set,
+              "sft_adapter": str(demo_adapter())}
+    t0 = time.perf_counter()
+
+    # the demo's data and configuration (the same rows and settings as `essa demo`)
+    train_rows, demo_heldout = make_answer_format()
+    train_path, demo_heldout_path = out / "demo-train.jsonl", out / "demo-heldout.jsonl"
+    if not train_path.exists():
+        write_jsonl(train_rows, train_path)
+        write_jsonl(demo_heldout, demo_heldout_path)
+    config_path = out / "demo-config.json"
+    if not config_path.exists():
+        write_json(config_path, to_dict(demo_config(train_path, demo_heldout_path, out / "unused")))
+
+    heldout_path, clean = study_heldout(sft_dir)
+
+    def evaluate(adapter: Path, folder: Path, name: str) -> dict:
+        return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
+
+    sft = evaluate(demo_adapter(), sft_dir, "sft")
+    variant = ",".join(args.set).replace("/", "_") or "demo"
+    (out / variant).mkdir(parents=True, exist_ok=True)
+    result["per_seed"] = {}
+    for seed in args.seeds:
+        run_dir = out / variant / f"s{seed}"
+        summary_path = run_dir / "summary.json"
+        if summary_path.exists():
+            reused.append(str(summary_path))
+        else:
+            run(essa + ["train", "--config", str(config_path), "--set", f"output_dir={run_dir}", "--set", f"seed={seed}"]
+                + [x for s in args.set for x in ("--set", s)], out / variant / f"s{seed}.log", commands)
+        summary = json.loads(summary_path.read_text())
+        essa_res = evaluate(Path(summary["adapters"]["best"]), run_dir, "essa")
+        result["per_seed"][str(seed)] = demo_seed_record(summary, sft, essa_res)
+    result.update(heldout_rows=len(clean), commands=commands, reused=reused,
+                  wall_seconds=round(time.perf_counter() - t0, 1), load_average_end=os.getloadavg())
+    text = json.dumps(result, indent=2)
+    (out / variant / "probe.json").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
