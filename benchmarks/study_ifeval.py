@@ -96,7 +96,8 @@ def demo_seed_record(summary: dict, sft: dict, essa: dict) -> dict:
     return {"demo_heldout": {"sft": summary["test_sft"], "essa": summary["test_best"],
                              "diff_ci95": summary.get("test_best_minus_sft")},
             "essa_wall_seconds": summary["wall_seconds"], "generations": summary["generations"],
-            "tokens": summary.get("tokens"), "best_val": summary["best_val"],
+            "tokens_generated": summary.get("tokens_generated"), "genome_dimension": summary.get("genome_dimension"),
+            "best_val": summary["best_val"],
             "best_val_generation": summary["best_val_generation"],
             **{split: paired_bootstrap(sft[split], essa[split]) for split in ("ifeval", "heldout")}}
 
