@@ -8,13 +8,15 @@ time and memory are not in these: null).
 Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora.
 Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
 batch, alternated (this shared CPU scatters 10–20 % between runs of one mode): the ratios are per round and
-their median.
+their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
+modes in one run, vLLM measured slower than with one (multi-LoRA 65–77 against 89–104 tok/s, README "Engines"),
+so for vLLM figures run one vLLM mode per invocation.
 
     python benchmarks/bench_generation.py                       # GPU defaults: batches 64 256 1024, 256 tokens
     python benchmarks/bench_generation.py --batches 64 256 --new-tokens 64 \
         --modes hf engine_base engine_pop vllm_base vllm_lora  # CPU-sized, all engines
     python benchmarks/bench_generation.py --batches 64 256 --new-tokens 64 --device cpu --repeats 2 \
-        --modes engine_base engine_pop vllm_base vllm_lora     # the README's "Engines" table
+        --modes engine_base engine_pop vllm_base               # the README's "Engines" table (then: engine_pop vllm_lora)
 """
 
 from __future__ import annotations
