@@ -59,9 +59,9 @@ def main(argv=None):
     # the demo's data and configuration (the same rows and settings as `essa demo`)
     train_rows, demo_heldout = make_answer_format()
     train_path, demo_heldout_path = out / "demo-train.jsonl", out / "demo-heldout.jsonl"
-    if not train_path.exists():
-        write_jsonl(train_rows, train_path)
-        write_jsonl(demo_heldout, demo_heldout_path)
+    for rows, path in ((train_rows, train_path), (demo_heldout, demo_heldout_path)):
+        if not path.exists():   # written once: a second run reuses them (and the runs that read them)
+            write_jsonl(rows, path)
     config_path = out / "demo-config.json"
     if not config_path.exists():
         write_json(config_path, to_dict(demo_config(train_path, demo_heldout_path, out / "unused")))

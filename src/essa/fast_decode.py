@@ -419,10 +419,9 @@ class DecoderNet:
         self._plan_fusion()
         # CPU: the unfused projections and lm_head run oneDNN's packed-weight GEMM (a packed copy of each
         # plain fp32 weight); env ESSA_FAST_PACK=0/1 overrides the default (A/B benchmarks)
-        env = os.environ.get("ESSA_FAST_PACK", "").strip().lower()
         if pack is None:
-            pack = env in ("1", "true", "yes", "on") if env else self.device.type == "cpu"
-        self.pack = bool(pack) and packing_available()
+            pack = env_switch("ESSA_FAST_PACK")
+        self.pack = (self.device.type == "cpu" if pack is None else bool(pack)) and packing_available()
         self._lm_packed = self._lm_psig = None
 
 
@@ -862,12 +861,15 @@ def fast_supported(model, wrappers: Sequence[nn.Module] = ()) -> bool:
     return unsupported_reason(model, wrappers) is None
 
 
+def env_switch(name: str) -> bool | None:
+    """An on/off environment variable for A/B benchmarks: True (1/true/yes/on), False (0/false/no/off), None (unset
+    or anything else: the default applies)."""
+    env = os.environ.get(name, "").strip().lower()
+    return True if env in ("1", "true", "yes", "on") else False if env in ("0", "false", "no", "off") else None
+
+
 def auto_enabled(model, wrappers: Sequence[nn.Module] = ()) -> bool:
     """The engine's ``fast=None``: on when supported; env ESSA_FAST=0 turns it off, ESSA_FAST=1 requires it
     (for A/B benchmarks without code changes)."""
-    env = os.environ.get("ESSA_FAST", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
-    return fast_supported(model, wrappers)
+    env = env_switch("ESSA_FAST")
+    return fast_supported(model, wrappers) if env is None else env
