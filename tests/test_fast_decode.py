@@ -370,3 +370,13 @@ def test_cuda_real_model(real_model_name, tmp_path):
     out = fast.generate(prompts, cands, cfg)
     assert not fast._fast._graph_failed and fast._fast._session.graphs
     assert all(x[0].finish_reason in ("eos", "length") and x[0].token_ids for y in out for x in y)
+
+
+def test_env_switch_reads_on_off_and_leaves_the_rest_to_the_default(monkeypatch):
+    from essa.fast_decode import env_switch
+
+    for value, want in (("1", True), ("On", True), ("0", False), (" off ", False), ("", None), ("maybe", None)):
+        monkeypatch.setenv("ESSA_TEST_SWITCH", value)
+        assert env_switch("ESSA_TEST_SWITCH") is want
+    monkeypatch.delenv("ESSA_TEST_SWITCH")
+    assert env_switch("ESSA_TEST_SWITCH") is None
