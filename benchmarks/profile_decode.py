@@ -2,10 +2,13 @@
 
 Runs the population engine (16 distinct candidates, greedy, GSM8K prompts, SmolLM2 fp32) under
 torch.profiler for each batch size and prints one JSON object: tok/s, and the self CPU time grouped as
-matmul (aten::mm/addmm/bmm/linear kernels), attention, the per-row LoRA scalings (aten::mul on the rank-r
-middle), sampling/argmax, everything else in ATen, and what is outside ATen (Python, the loop); plus the
-top ops. The achieved matmul rate is the FLOPs of every prefilled and decoded token (2 × non-embedding
-parameters each) over the matmul time; prefill is part of the run (each (candidate, prompt) row prefills).
+matmul (aten::mm/addmm/bmm/linear kernels and oneDNN's packed linear, ``mkldnn::_linear_pointwise``),
+attention, elementwise ops, sampling/argmax, everything else in ATen, and what is outside the ops (Python,
+the loop); plus the top ops. The same grouping is given per phase: the prefill calls and the decode steps
+(``DecoderNet.prefill`` / ``DecoderNet.step``, each wrapped in a ``record_function`` here), with
+milliseconds per decode step. The achieved matmul rate is the FLOPs of every prefilled and decoded token
+(2 × non-embedding parameters each) over the matmul time; prefill is part of the run (each (candidate,
+prompt) row prefills).
 
     python benchmarks/profile_decode.py --rows 64 256 --new-tokens 32
 """
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 
 GROUPS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int8pack_mm"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int8pack_mm",
+               "mkldnn::_linear_pointwise"),
     "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::softmax", "aten::_softmax"),
     "elementwise": ("aten::mul", "aten::add", "aten::silu", "aten::neg", "aten::cat", "aten::pow", "aten::rsqrt", "aten::mean"),
     "sampling": ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial", "aten::max"),
@@ -33,11 +37,53 @@ GROUPS = {
 }
 
 
+OPS = ("aten::", "mkldnn::")  # the op namespaces counted (everything else: Python, the loop, labels)
+PHASES = ("prefill", "step")   # DecoderNet methods timed as phases
+
+
 def group_of(name: str) -> str:
     for g, prefixes in GROUPS.items():
         if name.startswith(prefixes):
             return g
-    return "other_aten" if name.startswith("aten::") else "other"
+    return "other_aten" if name.startswith(OPS) else "other"
+
+
+def label_phases():
+    """Wrap DecoderNet.prefill and .step in a profiler label of their name (this process only)."""
+    from essa.fast_decode import DecoderNet
+
+    def labelled(name, fn):
+        def run(*a, **k):
+            with torch.profiler.record_function(name):
+                return fn(*a, **k)
+        return run
+
+    for name in PHASES:
+        setattr(DecoderNet, name, labelled(name, getattr(DecoderNet, name)))
+
+
+def phase_times(prof) -> dict:
+    """Per phase label: calls, wall ms per call and the self time of the ops under it by group (seconds)."""
+    out = {}
+
+    def walk(e, acc):
+        if e.name.startswith(OPS):
+            acc[group_of(e.name)] = acc.get(group_of(e.name), 0.0) + e.self_cpu_time_total / 1e6
+        for c in e.cpu_children:
+            walk(c, acc)
+
+    for e in prof.events():
+        if e.name in PHASES:
+            rec = out.setdefault(e.name, {"calls": 0, "seconds": 0.0, "by_group": {}})
+            rec["calls"] += 1
+            rec["seconds"] += e.cpu_time_total / 1e6
+            for c in e.cpu_children:
+                walk(c, rec["by_group"])
+    for rec in out.values():
+        rec["ms_per_call"] = round(rec["seconds"] * 1e3 / rec["calls"], 1)
+        rec["seconds"] = round(rec["seconds"], 2)
+        rec["by_group"] = {k: round(v, 2) for k, v in sorted(rec["by_group"].items(), key=lambda kv: -kv[1])}
+    return out
 
 
 def main():
@@ -59,6 +105,7 @@ def main():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from helpers import random_adapter
 
+    label_phases()
     tmp_dir = tempfile.TemporaryDirectory(prefix="profile-decode-")  # removed when the process exits
     tmp = tmp_dir.name
     model, _ = load_model(args.model, device="cpu", dtype="float32")
@@ -85,7 +132,7 @@ def main():
         wall = time.perf_counter() - t0
         useful, slots = engine.stats.useful_tokens - tok0, engine.stats.slot_tokens - slot0
         prompt_tokens = engine.stats.prompt_tokens - prompt0
-        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        events = [e for e in prof.key_averages() if e.key.startswith(OPS)]
         total_self = sum(e.self_cpu_time_total for e in events) / 1e6
         groups: dict[str, float] = {}
         for e in events:
@@ -95,7 +142,8 @@ def main():
         out["runs"][str(n_rows)] = {
             "wall_seconds_profiled": round(wall, 2), "useful_tok_s": round(useful / wall, 1), "slot_tok_s": round(slots / wall, 1),
             "seconds_by_group": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "outside_aten_seconds": round(max(0.0, wall - total_self), 2),
+            "outside_ops_seconds": round(max(0.0, wall - total_self), 2),
+            "phases": phase_times(prof),
             "matmul_share_of_wall": round(mm / wall, 3),
             "prompt_tokens": prompt_tokens, "decode_slot_tokens": slots,
             # prefill and decode tokens each cost about 2 x parameters of matmul FLOPs (attention aside)
