@@ -10,11 +10,11 @@ Each engine generates one short warm-up call before it is timed. ``--repeats R``
 batch, alternated (this shared CPU scatters 10–20 % between runs of one mode): the ratios are per round and
 their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
 modes in one run, vLLM measured slower than with one (multi-LoRA 65–77 against 89–104 tok/s, README "Engines"),
-so for vLLM figures run one vLLM mode per invocation.
+so on the CPU one vLLM mode per invocation is enforced (both: exit 2, nothing run).
 
     python benchmarks/bench_generation.py                       # GPU defaults: batches 64 256 1024, 256 tokens
     python benchmarks/bench_generation.py --batches 64 256 --new-tokens 64 \
-        --modes hf engine_base engine_pop vllm_base vllm_lora  # CPU-sized, all engines
+        --modes hf engine_base engine_pop vllm_base            # CPU-sized, all engines (then: vllm_lora alone)
     python benchmarks/bench_generation.py --batches 64 256 --new-tokens 64 --device cpu --repeats 2 \
         --modes engine_base engine_pop vllm_base               # the README's "Engines" table (then: engine_pop vllm_lora)
 """
@@ -69,6 +69,11 @@ def main():
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--sigma", type=float, default=0.05, help="std of the candidate offsets")
     args = ap.parse_args()
+    from essa.models import pick_device
+
+    if {"vllm_base", "vllm_lora"} <= set(args.modes) and pick_device(args.device).type == "cpu":
+        ap.exit(2, "bench_generation: --modes has both vllm_base and vllm_lora; on the CPU a second, idle vLLM engine "
+                   "slows the measured one: run them in separate invocations\n")
 
     import peft
     import transformers

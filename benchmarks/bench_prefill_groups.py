@@ -5,6 +5,7 @@ The native engine (fast path) generates for K candidates × P GSM8K prompts (gre
 prompt, the old behaviour), ``groups`` (length groups, `essa.fast_decode.length_groups`, 15 %), ``prefix``
 (length groups and the shared prompt prefix prefilled once per candidate, `shared_prefix`), all three with
 plain `F.linear` weights; ``packed`` (``prefix`` with oneDNN-packed weights on the CPU, `pack_weight`: the default).
+Each variant is a `FastDecoder` built with its options (no fused weight copies, the CPU default).
 Prints one JSON object: tok/s per run and, per setting, the median ratio of each variant to the first.
 
     python benchmarks/bench_prefill_groups.py --batches 64 256 --new-tokens 64 --variants padded groups
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VARIANTS = {"padded": dict(prefill_waste=1e9, share_prefix=False, pack=False),
-            "groups": dict(prefill_waste=0.15, share_prefix=False, pack=False),
-            "prefix": dict(prefill_waste=0.15, share_prefix=True, pack=False),
-            "packed": dict(prefill_waste=0.15, share_prefix=True, pack=True)}
+VARIANTS = {"padded": dict(prefill_waste=1e9, share_prefix=False, pack=False, fuse_budget_bytes=0),
+            "groups": dict(prefill_waste=0.15, share_prefix=False, pack=False, fuse_budget_bytes=0),
+            "prefix": dict(prefill_waste=0.15, share_prefix=True, pack=False, fuse_budget_bytes=0),
+            "packed": dict(prefill_waste=0.15, share_prefix=True, pack=True, fuse_budget_bytes=0)}
 
 
 def main():
@@ -45,7 +46,7 @@ def main():
 
     from essa.chat import chat_prompts
     from essa.engine import PopulationEngine
-    from essa.fast_decode import length_groups, shared_prefix
+    from essa.fast_decode import FastDecoder, length_groups, shared_prefix
     from essa.genome import load_genome
     from essa.models import load_model
     from essa.sampling import SamplingConfig
@@ -73,8 +74,7 @@ def main():
                 for name in args.variants:
                     opts = VARIANTS[name]
                     eng = PopulationEngine(copy.deepcopy(model), tok, genome if pop else None)
-                    for k, v in opts.items():  # `pack` is the network's, the rest the decoder's
-                        setattr(eng._fast.net if k == "pack" else eng._fast, k, v)
+                    eng._fast = FastDecoder(eng.model, eng.wrappers, **opts)  # the variant's decoder
                     eng.generate(ids[:1], None if cands is None else cands[:1], SamplingConfig(max_new_tokens=4))
                     u0, t = eng.stats.useful_tokens, time.perf_counter()
                     eng.generate(ids[:P], cands, SamplingConfig(max_new_tokens=args.new_tokens))
