@@ -10,6 +10,10 @@ paired bootstrap intervals (10,000 draws, 95 %).
 
     python benchmarks/probe_demo_axes.py --out runs/axes --set alpha=0.125 --seeds 0 1
     python benchmarks/probe_demo_axes.py --out runs/axes --set popsize=16 --set batch_size=8 --seeds 0
+    python benchmarks/probe_demo_axes.py --out runs/axes --adapter runs/rank/sft-r16 --seeds 0 1
+
+``--adapter DIR`` starts from another SFT adapter (e.g. the demo recipe at another LoRA rank): it is scored as
+the SFT baseline in ``OUT/sft-<folder name>`` and passed to `essa train` as ``--set adapter=DIR``.
 
 Each combination of overrides gets its own folder (``OUT/alpha=0.125/s0``); the SFT adapter's eval files
 go to ``OUT/sft`` (or ``--sft-evals``, e.g. the study's). Outputs that exist are reused (listed under
@@ -37,7 +41,10 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="`essa train --set` override of the demo's configuration (repeatable)")
-    ap.add_argument("--sft-evals", default=None, help="folder of the SFT adapter's eval files (default OUT/sft)")
+    ap.add_argument("--adapter", default=None,
+                    help="SFT start other than the demo's shipped adapter (scored as the SFT baseline, given to essa train)")
+    ap.add_argument("--sft-evals", default=None,
+                    help="folder of the SFT adapter's eval files (default OUT/sft, or OUT/sft-<name> with --adapter)")
     args = ap.parse_args(argv)
 
     from essa.config import to_dict
@@ -46,14 +53,19 @@ def main(argv=None):
     from essa.tasks.ifeval_data import make_answer_format, write_jsonl
 
     out = Path(args.out).resolve()
-    sft_dir = Path(args.sft_evals).resolve() if args.sft_evals else out / "sft"
+    adapter = Path(args.adapter).resolve() if args.adapter else demo_adapter()
+    if args.adapter and not (adapter / "adapter_config.json").is_file():
+        ap.error(f"--adapter {args.adapter}: no adapter_config.json there; give the folder `essa sft --output-dir` wrote")
+    overrides = args.set + ([f"adapter={adapter}"] if args.adapter else [])
+    sft_dir = (Path(args.sft_evals).resolve() if args.sft_evals
+               else out / ("sft" if not args.adapter else f"sft-{adapter.name}"))
     sft_dir.mkdir(parents=True, exist_ok=True)
     essa = [sys.executable, "-m", "essa.cli"]
     commands, reused = [], []
     result = {"study": "demo-axes", "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "load_average_start": os.getloadavg(), "seeds": args.seeds, "overrides": args.set,
-              "sft_adapter": str(demo_adapter())}
+              "load_average_start": os.getloadavg(), "seeds": args.seeds, "overrides": overrides,
+              "sft_adapter": str(adapter)}
     t0 = time.perf_counter()
 
     # the demo's data and configuration (the same rows and settings as `essa demo`)
@@ -71,8 +83,8 @@ def main(argv=None):
     def evaluate(adapter: Path, folder: Path, name: str) -> dict:
         return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
 
-    sft = evaluate(demo_adapter(), sft_dir, "sft")
-    variant = ",".join(args.set).replace("/", "_") or "demo"
+    sft = evaluate(adapter, sft_dir, "sft")
+    variant = ",".join(args.set + ([f"adapter={adapter.name}"] if args.adapter else [])).replace("/", "_") or "demo"
     (out / variant).mkdir(parents=True, exist_ok=True)
     result["per_seed"] = {}
     for seed in args.seeds:
@@ -82,7 +94,7 @@ def main(argv=None):
             reused.append(str(summary_path))
         else:
             run(essa + ["train", "--config", str(config_path), "--set", f"output_dir={run_dir}", "--set", f"seed={seed}"]
-                + [x for s in args.set for x in ("--set", s)], out / variant / f"s{seed}.log", commands)
+                + [x for s in overrides for x in ("--set", s)], out / variant / f"s{seed}.log", commands)
         summary = json.loads(summary_path.read_text())
         essa_res = evaluate(Path(summary["adapters"]["best"]), run_dir, "essa")
         result["per_seed"][str(seed)] = demo_seed_record(summary, sft, essa_res)
