@@ -13,7 +13,8 @@ paired bootstrap intervals (10,000 draws, 95 %).
     python benchmarks/probe_demo_axes.py --out runs/axes --adapter runs/rank/sft-r16 --seeds 0 1
 
 ``--adapter DIR`` starts from another SFT adapter (e.g. the demo recipe at another LoRA rank): it is scored as
-the SFT baseline in ``OUT/sft-<folder name>`` and passed to `essa train` as ``--set adapter=DIR``.
+the SFT baseline in ``OUT/sft-<folder name>``, against the shipped adapter (``sft_vs_shipped_sft``, whose eval
+files in ``OUT/sft`` are reused or made), and passed to `essa train` as ``--set adapter=DIR``.
 
 Each combination of overrides gets its own folder (``OUT/alpha=0.125/s0``); the SFT adapter's eval files
 go to ``OUT/sft`` (or ``--sft-evals``, e.g. the study's). Outputs that exist are reused (listed under
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import demo_seed_record, eval_ifeval, run, study_heldout  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import demo_seed_record, eval_ifeval, paired_bootstrap, run, study_heldout  # noqa: E402  (benchmarks/ is not a package)
 
 
 def main(argv=None):
@@ -84,6 +85,9 @@ def main(argv=None):
         return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
 
     sft = evaluate(adapter, sft_dir, "sft")
+    if args.adapter:  # the other SFT start against the shipped one (its eval files in OUT/sft: reused or made)
+        shipped = evaluate(demo_adapter(), out / "sft", "sft")
+        result["sft_vs_shipped_sft"] = {split: paired_bootstrap(shipped[split], sft[split]) for split in ("ifeval", "heldout")}
     variant = ",".join(args.set + ([f"adapter={adapter.name}"] if args.adapter else [])).replace("/", "_") or "demo"
     (out / variant).mkdir(parents=True, exist_ok=True)
     result["per_seed"] = {}
