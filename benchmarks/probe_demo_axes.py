@@ -85,9 +85,6 @@ def main(argv=None):
         return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
 
     sft = evaluate(adapter, sft_dir, "sft")
-    if args.adapter:  # the other SFT start against the shipped one (its eval files in OUT/sft: reused or made)
-        shipped = evaluate(demo_adapter(), out / "sft", "sft")
-        result["sft_vs_shipped_sft"] = {split: paired_bootstrap(shipped[split], sft[split]) for split in ("ifeval", "heldout")}
     variant = ",".join(args.set + ([f"adapter={adapter.name}"] if args.adapter else [])).replace("/", "_") or "demo"
     (out / variant).mkdir(parents=True, exist_ok=True)
     result["per_seed"] = {}
@@ -102,6 +99,10 @@ def main(argv=None):
         summary = json.loads(summary_path.read_text())
         essa_res = evaluate(Path(summary["adapters"]["best"]), run_dir, "essa")
         result["per_seed"][str(seed)] = demo_seed_record(summary, sft, essa_res)
+    if args.adapter:  # the other SFT start against the shipped one (its eval files in OUT/sft: reused or made)
+        (out / "sft").mkdir(parents=True, exist_ok=True)
+        shipped = evaluate(demo_adapter(), out / "sft", "sft")
+        result["sft_vs_shipped_sft"] = {split: paired_bootstrap(shipped[split], sft[split]) for split in ("ifeval", "heldout")}
     result.update(heldout_rows=len(clean), commands=commands, reused=reused,
                   wall_seconds=round(time.perf_counter() - t0, 1), load_average_end=os.getloadavg())
     text = json.dumps(result, indent=2)
