@@ -100,7 +100,6 @@ def main(argv=None):
         essa_res = evaluate(Path(summary["adapters"]["best"]), run_dir, "essa")
         result["per_seed"][str(seed)] = demo_seed_record(summary, sft, essa_res)
     if args.adapter:  # the other SFT start against the shipped one (its eval files in OUT/sft: reused or made)
-        (out / "sft").mkdir(parents=True, exist_ok=True)
         shipped = evaluate(demo_adapter(), out / "sft", "sft")
         result["sft_vs_shipped_sft"] = {split: paired_bootstrap(shipped[split], sft[split]) for split in ("ifeval", "heldout")}
     result.update(heldout_rows=len(clean), commands=commands, reused=reused,

@@ -41,6 +41,7 @@ def run(cmd: list[str], log: Path, record: list) -> float:
     """Run one essa command (output to a log file), record it with its wall time."""
     print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)  # the command's outputs go next to its log
     with open(log, "w") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     wall = time.perf_counter() - t0
