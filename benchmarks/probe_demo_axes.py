@@ -11,6 +11,14 @@ paired bootstrap intervals (10,000 draws, 95 %).
     python benchmarks/probe_demo_axes.py --out runs/axes --set alpha=0.125 --seeds 0 1
     python benchmarks/probe_demo_axes.py --out runs/axes --set popsize=16 --set batch_size=8 --seeds 0
     python benchmarks/probe_demo_axes.py --out runs/axes --adapter runs/rank/sft-r16 --seeds 0 1
+    python benchmarks/probe_demo_axes.py --out runs/axes --instructions detectable_format:constrained_response \
+        change_case:english_capital --set generation.max_new_tokens=48 --seeds 0 1
+
+``--instructions TYPE ...`` trains on a mix of instructions instead of the demo's one: the learning study's
+training prompts (the task's generated ``rl`` rows less its 200 held-out ones, `study_ifeval.study_split`) that
+carry exactly one instruction of these types, less any yes-no question of the demo's held-out topics (the run's
+own test report stays the demo's held-out questions); written to ``OUT/<variant>/train.jsonl`` and passed as
+``--set train_data=...``.
 
 ``--adapter DIR`` starts from another SFT adapter (e.g. the demo recipe at another LoRA rank): it is scored as
 the SFT baseline in ``OUT/sft-<folder name>``, against the shipped adapter (``sft_vs_shipped_sft``, whose eval
@@ -33,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import demo_seed_record, eval_ifeval, paired_bootstrap, run, study_heldout  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import demo_seed_record, eval_ifeval, paired_bootstrap, run, study_heldout, study_split  # noqa: E402  (benchmarks/ is not a package)
 
 
 def main(argv=None):
@@ -44,6 +52,8 @@ def main(argv=None):
                     help="`essa train --set` override of the demo's configuration (repeatable)")
     ap.add_argument("--adapter", default=None,
                     help="SFT start other than the demo's shipped adapter (scored as the SFT baseline, given to essa train)")
+    ap.add_argument("--instructions", nargs="+", default=None, metavar="TYPE",
+                    help="train on the study's generated training prompts with exactly one of these instructions")
     ap.add_argument("--sft-evals", default=None,
                     help="folder of the SFT adapter's eval files (default OUT/sft, or OUT/sft-<name> with --adapter)")
     args = ap.parse_args(argv)
@@ -57,6 +67,13 @@ def main(argv=None):
     adapter = Path(args.adapter).resolve() if args.adapter else demo_adapter()
     if args.adapter and not (adapter / "adapter_config.json").is_file():
         ap.error(f"--adapter {args.adapter}: no adapter_config.json there; give the folder `essa sft --output-dir` wrote")
+    train_rows, demo_heldout = make_answer_format()
+    mix_rows = instruction_mix(args.instructions, demo_heldout) if args.instructions else None
+    if args.instructions:  # checked before anything is run or written
+        missing = sorted(set(args.instructions) - {r["instruction_id_list"][0] for r in mix_rows})
+        if missing:
+            ap.error(f"--instructions: no training prompt has the instruction {missing[0]!r}; "
+                     "give instruction ids of the ifeval task (e.g. detectable_format:title)")
     overrides = args.set + ([f"adapter={adapter}"] if args.adapter else [])
     sft_dir = (Path(args.sft_evals).resolve() if args.sft_evals
                else out / ("sft" if not args.adapter else f"sft-{adapter.name}"))
@@ -70,7 +87,6 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     # the demo's data and configuration (the same rows and settings as `essa demo`)
-    train_rows, demo_heldout = make_answer_format()
     train_path, demo_heldout_path = out / "demo-train.jsonl", out / "demo-heldout.jsonl"
     for rows, path in ((train_rows, train_path), (demo_heldout, demo_heldout_path)):
         if not path.exists():   # written once: a second run reuses them (and the runs that read them)
@@ -85,8 +101,15 @@ def main(argv=None):
         return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
 
     sft = evaluate(adapter, sft_dir, "sft")
-    variant = ",".join(args.set + ([f"adapter={adapter.name}"] if args.adapter else [])).replace("/", "_") or "demo"
+    mix = [f"instructions={'+'.join(t.split(':')[-1] for t in args.instructions)}"] if args.instructions else []
+    variant = ",".join(mix + args.set + ([f"adapter={adapter.name}"] if args.adapter else [])).replace("/", "_") or "demo"
     (out / variant).mkdir(parents=True, exist_ok=True)
+    if args.instructions:
+        mix_path = out / variant / "train.jsonl"
+        if not mix_path.exists():
+            write_jsonl(mix_rows, mix_path)
+        result.update(instructions=args.instructions, train_rows=len(mix_rows))
+        overrides = overrides + [f"train_data={mix_path}"]
     result["per_seed"] = {}
     for seed in args.seeds:
         run_dir = out / variant / f"s{seed}"
@@ -107,6 +130,18 @@ def main(argv=None):
     text = json.dumps(result, indent=2)
     (out / variant / "probe.json").write_text(text)
     print(text)
+
+
+def instruction_mix(types: list[str], demo_heldout: list[dict]) -> list[dict]:
+    """The learning study's generated training prompts (not its held-out ones) with exactly one instruction,
+    of one of ``types``, leaving out the yes-no questions of the demo's held-out topics."""
+    from essa.tasks import get_task, load_rows
+
+    held = {r["key"] for r in study_split()[0]}
+    demo_questions = {r["prompt"].split("?")[0] for r in demo_heldout}
+    return [r for r in load_rows(get_task("ifeval"), "rl")   # in the split's file order
+            if r["key"] not in held and len(r["instruction_id_list"]) == 1 and r["instruction_id_list"][0] in types
+            and not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)]
 
 
 if __name__ == "__main__":

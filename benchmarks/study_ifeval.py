@@ -75,15 +75,23 @@ def clean_heldout_keys(heldout: list[dict]) -> set[str]:
     return {r["key"] for r in heldout if not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)}
 
 
+def study_split(n: int = 200) -> tuple[list[dict], list[dict]]:
+    """The task's generated ``rl`` prompts split (seeded 2026) into ``n`` held-out rows, never trained or selected
+    on, and the training rest: ``(heldout, train)``."""
+    from essa.tasks import get_task, load_rows, seeded_split
+
+    rl = load_rows(get_task("ifeval"), "rl")
+    heldout, train = seeded_split(rl, [n, len(rl) - n], 2026)
+    return heldout, train
+
+
 def study_heldout(folder: Path, n: int = 200) -> tuple[Path, set[str]]:
     """The learning study's held-out generated prompts (``n`` rows of the task's ``rl`` split, seeded 2026;
     never used for SFT, training or validation), written to ``folder/heldout.jsonl`` when it is missing, and
     the keys scored on them (`clean_heldout_keys`)."""
-    from essa.tasks import get_task, load_rows, seeded_split
     from essa.tasks.ifeval_data import write_jsonl
 
-    rl = load_rows(get_task("ifeval"), "rl")
-    heldout = seeded_split(rl, [n, len(rl) - n], 2026)[0]
+    heldout = study_split(n)[0]
     path = folder / "heldout.jsonl"
     if not path.exists():
         write_jsonl(heldout, path)
@@ -148,7 +156,6 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="extra `essa train --set` overrides")
     args = ap.parse_args(argv)
 
-    from essa.tasks import get_task, load_rows, seeded_split
     from essa.tasks.ifeval_data import write_jsonl
 
     out = Path(args.out).resolve()   # commands run from the repository root: absolute paths throughout
@@ -170,9 +177,7 @@ def main(argv=None):
                     "--warmup-ratio", "0.0", "--device", "cpu"], out / "sft.log", commands)
 
     # held-out generated prompts: never trained on, never selected on
-    task = get_task("ifeval")
-    rl = load_rows(task, "rl")
-    heldout, train = seeded_split(rl, [args.heldout, len(rl) - args.heldout], 2026)
+    heldout, train = study_split(args.heldout)
     if not (out / "train.jsonl").exists():
         write_jsonl(heldout, out / "heldout.jsonl")
         write_jsonl(train, out / "train.jsonl")
