@@ -1,4 +1,4 @@
-"""The demo's ESSA run with one search axis changed: genome size (α) or population × mini-batch (issue 11).
+"""The demo's ESSA run with one search axis changed: α, population × mini-batch, SFT start or training instructions (issue 11).
 
 The learning issue's search lists "rank and α" and "population and batch" among the axes to try before
 calling the bar out of reach. This probe runs the demo's ESSA configuration (``essa.demo.demo_config``:
