@@ -60,7 +60,8 @@ def run_child(env_extra: dict[str, str], args) -> dict:
     wall = time.perf_counter() - t
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        sys.exit(f"bench_allocator: the child failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"bench_allocator: the child bench_generation.py failed (exit {proc.returncode}): {last}")
     res = json.loads(proc.stdout)
     return {"results": [{k: r[k] for k in ("mode", "batch", "seconds", "useful_tok_s", "cpu_seconds")} for r in res["results"]],
             "child_wall_seconds": round(wall, 1), "child_user_seconds": round(r1.ru_utime - r0.ru_utime, 2),
@@ -89,18 +90,12 @@ def main():
             rec = {"variant": name, "round": rnd, "env": vs[name], **run_child(vs[name], args)}
             runs.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)
+    tok_s = {(r["variant"], r["round"], x["mode"], x["batch"]): x["useful_tok_s"] for r in runs for x in r["results"]}
     ratios = {}
-    for name in vs:
-        if name == "glibc":
-            continue
+    for name in [v for v in vs if v != "glibc"]:
         for b in args.batches:
             for m in args.modes:
-                per_round = []
-                for rnd in range(args.rounds):
-                    def tok_s(v):
-                        run = next(r for r in runs if r["variant"] == v and r["round"] == rnd)
-                        return next(x["useful_tok_s"] for x in run["results"] if x["mode"] == m and x["batch"] == b)
-                    per_round.append(round(tok_s(name) / tok_s("glibc"), 3))
+                per_round = [round(tok_s[name, rnd, m, b] / tok_s["glibc", rnd, m, b], 3) for rnd in range(args.rounds)]
                 ratios[f"{name}/glibc {m} {b}"] = {"per_round": per_round, "median": round(statistics.median(per_round), 3)}
     import torch
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import demo_seed_record, eval_ifeval, paired_bootstrap, run, study_heldout, study_split  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import demo_seed_record, eval_ifeval, paired_bootstrap, run, study_heldout, study_split, yes_no_question  # noqa: E402  (benchmarks/ is not a package)
 
 
 def main(argv=None):
@@ -68,12 +68,20 @@ def main(argv=None):
     if args.adapter and not (adapter / "adapter_config.json").is_file():
         ap.error(f"--adapter {args.adapter}: no adapter_config.json there; give the folder `essa sft --output-dir` wrote")
     train_rows, demo_heldout = make_answer_format()
-    mix_rows = instruction_mix(args.instructions, demo_heldout) if args.instructions else None
+    mix_rows = None
     if args.instructions:  # checked before anything is run or written
+        mix_rows = instruction_mix(args.instructions, demo_heldout)
         missing = sorted(set(args.instructions) - {r["instruction_id_list"][0] for r in mix_rows})
         if missing:
             ap.error(f"--instructions: no training prompt has the instruction {missing[0]!r}; "
                      "give instruction ids of the ifeval task (e.g. detectable_format:title)")
+    mix = [f"instructions={'+'.join(t.split(':')[-1] for t in args.instructions)}"] if args.instructions else []
+    variant = ",".join(mix + args.set + ([f"adapter={adapter.name}"] if args.adapter else [])).replace("/", "_") or "demo"
+    mix_path = out / variant / "train.jsonl"
+    if mix_rows is not None and mix_path.exists() and [
+            json.loads(x) for x in mix_path.read_text().splitlines() if x.strip()] != mix_rows:
+        ap.error(f"{mix_path} holds other training rows than these instructions select (an earlier run's); "
+                 "give another --out, or remove that run's folder")
     overrides = args.set + ([f"adapter={adapter}"] if args.adapter else [])
     sft_dir = (Path(args.sft_evals).resolve() if args.sft_evals
                else out / ("sft" if not args.adapter else f"sft-{adapter.name}"))
@@ -101,15 +109,12 @@ def main(argv=None):
         return eval_ifeval(adapter, folder, name, heldout_path, clean, commands, reused)
 
     sft = evaluate(adapter, sft_dir, "sft")
-    mix = [f"instructions={'+'.join(t.split(':')[-1] for t in args.instructions)}"] if args.instructions else []
-    variant = ",".join(mix + args.set + ([f"adapter={adapter.name}"] if args.adapter else [])).replace("/", "_") or "demo"
     (out / variant).mkdir(parents=True, exist_ok=True)
     if args.instructions:
-        mix_path = out / variant / "train.jsonl"
         if not mix_path.exists():
             write_jsonl(mix_rows, mix_path)
         result.update(instructions=args.instructions, train_rows=len(mix_rows))
-        overrides = overrides + [f"train_data={mix_path}"]
+        overrides.append(f"train_data={mix_path}")   # result["overrides"] is this list: it records what essa train got
     result["per_seed"] = {}
     for seed in args.seeds:
         run_dir = out / variant / f"s{seed}"
@@ -138,10 +143,10 @@ def instruction_mix(types: list[str], demo_heldout: list[dict]) -> list[dict]:
     from essa.tasks import get_task, load_rows
 
     held = {r["key"] for r in study_split()[0]}
-    demo_questions = {r["prompt"].split("?")[0] for r in demo_heldout}
+    demo = {yes_no_question(r) for r in demo_heldout}
     return [r for r in load_rows(get_task("ifeval"), "rl")   # in the split's file order
             if r["key"] not in held and len(r["instruction_id_list"]) == 1 and r["instruction_id_list"][0] in types
-            and not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)]
+            and yes_no_question(r) not in demo]
 
 
 if __name__ == "__main__":

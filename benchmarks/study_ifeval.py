@@ -71,8 +71,14 @@ def clean_heldout_keys(heldout: list[dict]) -> set[str]:
     questions also appear, with other instructions, among the generated prompts: those are dropped)."""
     from essa.tasks.ifeval_data import make_answer_format
 
-    demo_questions = {r["prompt"].split("?")[0] for r in make_answer_format()[0]}
-    return {r["key"] for r in heldout if not (r["source"] == "yes_no" and r["prompt"].split("?")[0] in demo_questions)}
+    demo = {yes_no_question(r) for r in make_answer_format()[0]}
+    return {r["key"] for r in heldout if yes_no_question(r) not in demo}
+
+
+def yes_no_question(row: dict) -> str | None:
+    """The yes-no question a row asks (its prompt up to the "?"), None for rows of other sources: the demo's
+    questions come back among the generated prompts with other instructions."""
+    return row["prompt"].split("?")[0] if row["source"] == "yes_no" else None
 
 
 def study_split(n: int = 200) -> tuple[list[dict], list[dict]]:
