@@ -447,3 +447,21 @@ def test_paged_attention_refused_where_it_cannot_run(tiny, monkeypatch):
     monkeypatch.setenv("ESSA_FAST_ATTENTION", "nope")
     with pytest.raises(EssaError, match="attention must be one of sdpa, grouped, paged"):
         DecoderNet(e.model, e.wrappers)
+
+
+@paged_only
+def test_paged_attention_sampling_matches_hf(tiny32):
+    """Seeded top-p with two samples per prompt: the paged path draws what the HF path draws, rows ending early."""
+    model, tok, genome, cands, prompts = tiny32
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():  # a random tiny model is near-uniform over 49k tokens: any ulp flips a draw
+        sharp.lm_head.weight.mul_(20)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3, num_samples=2)
+    first = dump(engine(sharp, tok, genome, fast=False).generate(prompts, cands[:2], cfg))
+    counts = {}
+    for t in (t for y in first for x in y for s in x for t in s[0][1:8]):
+        counts[t] = counts.get(t, 0) + 1
+    eos = sorted(counts, key=lambda t: -counts[t])[:4]
+    ref = dump(engine(sharp, tok, genome, fast=False, eos=eos).generate(prompts, cands[:2], cfg))
+    assert sorted({s[1] for y in ref for x in y for s in x}) == ["eos", "length"]
+    assert dump(engine(sharp, tok, genome, fast=True, eos=eos, attention="paged").generate(prompts, cands[:2], cfg)) == ref
