@@ -397,14 +397,9 @@ class _Group:
             parts.append(self.Vh.t())
         self.W = torch.cat(parts, dim=0).contiguous()
         self.folded = bool(self.wrapped)
-        if any(getattr(b, "bias", None) is not None for b in self.bases):
-            bs = [b.bias if b.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-                  for b, w in zip(self.bases, ws)]
-            if self.wrapped:
-                bs.append(torch.zeros(self.Vh.shape[1], dtype=ws[0].dtype, device=ws[0].device))
-            self.b = torch.cat(bs)
-        else:
-            self.b = None
+        self.b = self._biases()
+        if self.b is not None and self.wrapped:  # the Vh_A rows have none
+            self.b = torch.cat([self.b, self.b.new_zeros(self.Vh.shape[1])])
         if self.wrapped:
             self.U_full = self._u_full()
         self._O = O
