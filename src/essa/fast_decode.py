@@ -346,6 +346,8 @@ class _Group:
         self.wrapped = [j for j, m in enumerate(modules) if isinstance(m, PopulationLoRA)]
         self.genome_idx = [wrapper_index[id(modules[j])] for j in self.wrapped]
         self.lora_mix = lora_mix
+        # each member's outputs: how a fused or joined GEMM's output splits (those groups hold plain nn.Linear only)
+        self.out_sizes = [getattr(b, "out_features", None) for b in self.bases]
         self.W = self.b = None      # fused [out_total (+ G·r), in] weight when fused
         self.folded = False         # Vh_A rows are part of W
         self.sA = self.sB = None    # [N, 1, G·r] per-row singular values (session buffers)
@@ -389,10 +391,7 @@ class _Group:
         sig = self._base_sig()
         if self.W is not None and sig == self._sig:
             return
-        ws = [b.weight for b in self.bases]
-        self.out_sizes = [w.shape[0] for w in ws]
-        O = sum(self.out_sizes)
-        parts = list(ws)
+        parts = [b.weight for b in self.bases]
         if self.wrapped:
             parts.append(self.Vh.t())
         self.W = torch.cat(parts, dim=0).contiguous()
@@ -402,7 +401,7 @@ class _Group:
             self.b = torch.cat([self.b, self.b.new_zeros(self.Vh.shape[1])])
         if self.wrapped:
             self.U_full = self._u_full()
-        self._O = O
+        self._O = sum(self.out_sizes)
         self._sig = sig
 
     def _u_full(self) -> torch.Tensor:
@@ -438,7 +437,6 @@ class _Group:
             W = torch.cat([torch.cat([b.weight for b in self.bases]), self._u_full().t()], dim=1)
             self.packed_cat = (pack_weight(self.Vh.t()), pack_weight(W), self._biases())
             self.packed = [None] * len(self.bases)
-            self.out_sizes = [b.weight.shape[0] for b in self.bases]
         else:
             self.packed_cat = None
             self.packed = [pack_weight(b.weight) if _packable(b) else None for b in self.bases]
@@ -721,12 +719,14 @@ class DecoderNet:
             return "vLLM's library has no RMSNorm/rotary kernels"
         return None
 
-    def rope_inputs(self, x, position):
+    def rope_inputs(self, x, position, length: int | None = None):
         """What `forward` takes for the rotary embedding: (cos, sin) of the model's own ``rotary_emb``, or with vLLM's
-        kernels (positions, the [max position, head_dim] cos|sin table: the same ``rotary_emb`` at every position)."""
+        kernels (positions, the [max position, head_dim] cos|sin table: the same ``rotary_emb`` at every position).
+        ``length``: a bound on the positions (every position < length; the session's slots), so that a decode step
+        sizes the table without reading the positions back; None: their maximum + 1."""
         if not self.vllm_ops:
             return self.inner.rotary_emb(x, position)
-        need = int(position.max()) + 1
+        need = int(position.max()) + 1 if length is None else int(length)
         if self._rope_cache is None or self._rope_cache.shape[0] < need:
             L = max(need, 2 * (0 if self._rope_cache is None else self._rope_cache.shape[0]), 2048)
             ar = torch.arange(L, device=self.device)[None]
@@ -807,12 +807,11 @@ class DecoderNet:
 
     def logits(self, sess: _Session, h, rows=None):
         h = h[:, 0]
-        if self._lm_packed is not None:
+        if self._lm_packed is not None:  # (CPU, never graph-captured: all rows' logits are returned as computed)
             out = packed_linear(h, self._lm_packed)
             if rows is None:
-                sess.logits.copy_(out)
-            else:
-                sess.logits[rows] = out
+                return out
+            sess.logits[rows] = out
             return sess.logits
         if rows is not None:  # a length group's rows of the prefill
             sess.logits[rows] = (h @ self.model.lm_head.weight.t() if self._lm_plain else self.model.lm_head(h)).to(
@@ -827,7 +826,7 @@ class DecoderNet:
     def step(self, sess: _Session, kv_len: int):
         """One decode step from the static buffers: tok at slot → logits. Graph-capturable (not paged)."""
         x = self.inner.embed_tokens(sess.tok)
-        cos, sin = self.rope_inputs(x, sess.pos)
+        cos, sin = self.rope_inputs(x, sess.pos, sess.T_alloc)
         if self.attention == "paged":
             call = self._paged_call(sess.block_table, sess.lens, sess.lens + 1, sess.starts)
             logits = self.logits(sess, self.forward(sess, x, cos, sin, None, kv_len, None, paged=call))
@@ -868,7 +867,7 @@ class DecoderNet:
                 mask = torch.cat([torch.ones(n, t, prefix, dtype=torch.bool, device=dev), mask], dim=-1)
             mask = mask[:, None]
         x = self.inner.embed_tokens(ids)
-        cos, sin = self.rope_inputs(x, flat_pos)
+        cos, sin = self.rope_inputs(x, flat_pos, T)
         if svals is not None:  # [n, 1, G·r] of the group's rows; flat: [1, tokens, G·r], a token's row's
             for g in self.lora_groups:
                 a, b = sess.s[id(g)]
