@@ -11,6 +11,11 @@ engine_base_sdpa / engine_pop_sdpa: the native modes with the decoder's attentio
 engine_base_eager / engine_pop_eager: the native modes with the model's own eager RMSNorm and rotary embedding
 and a separate LoRA up-projection (``ESSA_FAST_VLLM_OPS=0 ESSA_FAST_LORA_CONCAT=0``; the CPU default runs
 vLLM-CPU's norm/rotary kernels with the paged attention and joins the LoRA up-projection to the packed base GEMM).
+The population modes give all K candidates the same P = rows / K prompts (an ESSA generation's mini-batch), so
+their prompt tokens differ from the base modes' (the first `rows` prompts); engine_pop_rows runs the base modes'
+rows instead, candidate k on prompts [k·P, (k+1)·P) (`generate_pairs`): the same prompts as vLLM base, each row
+with a candidate — the engine's cost for those rows (a candidate's rows still prefill their shared prefix once per
+candidate).
 Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
 batch, alternated, odd rounds in reverse order (this shared CPU scatters 10–20 % between runs of one mode; the
 reversal balances a drift of its load over the run): the ratios are per round and their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
@@ -68,7 +73,7 @@ def main():
     ap.add_argument("--candidates", type=int, default=16, help="K distinct candidates in mode (c)")
     ap.add_argument("--modes", nargs="+", default=["hf", "engine_base", "engine_pop"],
                     choices=["hf", "engine_base", "engine_pop", "vllm_base", "vllm_lora", "engine_base_sdpa",
-                             "engine_pop_sdpa", "engine_base_eager", "engine_pop_eager"])
+                             "engine_pop_sdpa", "engine_base_eager", "engine_pop_eager", "engine_pop_rows"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of all modes per batch, alternated; ratios are the median of each round's ratio")
@@ -153,16 +158,17 @@ def main():
                     useful += n
                 slot = batch * steps
             else:
-                population = mode in ("engine_pop", "vllm_lora", "engine_pop_sdpa", "engine_pop_eager")
+                population = mode in ("engine_pop", "vllm_lora", "engine_pop_sdpa", "engine_pop_eager", "engine_pop_rows")
                 K = min(args.candidates, batch) if population else 1
                 P = batch // K
-                ids = all_ids[:P]
+                split = mode == "engine_pop_rows"   # candidate k on prompts [k·P, (k+1)·P): the base modes' rows
+                ids = all_ids[:K * P] if split else all_ids[:P]
                 m = None
                 if vllm_mode:
                     eng = vllm_engines[mode]
                 else:
                     m = copy.deepcopy(model)
-                    env = MODE_ENV.get(mode.rpartition("_")[2], {}) if mode.count("_") == 2 else {}
+                    env = MODE_ENV.get(mode.rpartition("_")[2], {}) if mode.count("_") == 2 and not split else {}
                     before = {k: os.environ.get(k) for k in env}
                     os.environ.update(env)
                     try:
@@ -180,7 +186,10 @@ def main():
                 slot0, useful0 = eng.stats.slot_tokens, eng.stats.useful_tokens
                 reset_peak(device)
                 t, c = time.perf_counter(), time.process_time()
-                eng.generate(ids, cands, sampling)
+                if split:
+                    eng.generate_pairs(ids, cands, [(k, k * P + j) for k in range(K) for j in range(P)], sampling)
+                else:
+                    eng.generate(ids, cands, sampling)
                 sync(device)
                 dt, dc = time.perf_counter() - t, time.process_time() - c
                 slot, useful = eng.stats.slot_tokens - slot0, eng.stats.useful_tokens - useful0
@@ -234,7 +243,10 @@ def ratios(results: list[dict]) -> dict:
              "engine_pop_sdpa/vllm_base": ("engine_pop_sdpa", "vllm_base"),
              "engine_pop/engine_pop_eager": ("engine_pop", "engine_pop_eager"),
              "engine_base/engine_base_eager": ("engine_base", "engine_base_eager"),
-             "engine_pop_eager/vllm_base": ("engine_pop_eager", "vllm_base")}
+             "engine_pop_eager/vllm_base": ("engine_pop_eager", "vllm_base"),
+             "engine_pop_rows/vllm_base": ("engine_pop_rows", "vllm_base"),
+             "engine_pop_rows/engine_base": ("engine_pop_rows", "engine_base"),
+             "engine_pop_rows/engine_pop": ("engine_pop_rows", "engine_pop")}
     out = {}
     for batch in sorted({r["batch"] for r in results}):
         per_round: dict[str, list[float]] = {}

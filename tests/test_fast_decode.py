@@ -78,6 +78,23 @@ def test_fast_matches_hf_path_greedy(tiny):
     assert shared_prefix(prompts * 4, [k for k in range(4) for _ in prompts]) >= MIN_SHARED_PREFIX  # the path shares one
 
 
+@pytest.mark.skipif(not packing_available(), reason="oneDNN's packed linear is not in this torch")
+def test_packed_lm_head_in_row_chunks_matches_hf(tiny, monkeypatch):
+    """Logits larger than LOGITS_CHUNK_BYTES are computed in equal row chunks into the session's buffer."""
+    import essa.fast_decode as fd
+
+    model, tok, genome, cands, prompts, ref, _ = tiny
+    vocab = model.lm_head.weight.shape[0]
+    monkeypatch.setattr(fd, "LOGITS_CHUNK_BYTES", 5 * vocab * 4)          # 12 rows -> 3 chunks of 4
+    seen = []
+    real = fd.packed_linear
+    monkeypatch.setattr(fd, "packed_linear", lambda x, w, b=None: seen.append(x.shape[0]) or real(x, w, b))
+    fast = engine(model, tok, genome, fast=True)
+    assert dump(fast.generate(prompts, cands, SamplingConfig(max_new_tokens=24))) == dump(ref)
+    assert fast._fast.net._lm_packed is not None
+    assert seen.count(4) >= 3 * 20                                         # decode steps ran the lm_head in chunks
+
+
 @pytest.mark.parametrize("opts", [STATIC, dict(static_shapes=True, kv_bucket=16, min_graph_rows=2),
                                   dict(lora_mix="bmm", attention="grouped", fuse_budget_bytes=FUSED),
                                   dict(prefill_waste=1e9, share_prefix=False),
