@@ -18,8 +18,9 @@ with a candidate — the engine's cost for those rows (a candidate's rows still 
 candidate).
 Each engine generates one short warm-up call before it is timed. ``--repeats R``: R rounds of all modes per
 batch, alternated, odd rounds in reverse order (this shared CPU scatters 10–20 % between runs of one mode; the
-reversal balances a drift of its load over the run): the ratios are per round and their median. Every vLLM mode asked for keeps its engine alive for the whole run: on the CPU, with both vLLM
-modes in one run, vLLM measured slower than with one (multi-LoRA 65–77 against 89–104 tok/s, README "Engines"),
+reversal balances a drift of its load over the run): the ratios are per round and their median. Every vLLM mode
+asked for keeps its engine alive for the whole run: on the CPU, with both vLLM modes in one run, vLLM measured
+slower than with one (multi-LoRA 65–77 against 89–104 tok/s, README "Engines"),
 so on the CPU one vLLM mode per invocation is enforced (both: exit 2, nothing run).
 
     python benchmarks/bench_generation.py                       # GPU defaults: batches 64 256 1024, 256 tokens

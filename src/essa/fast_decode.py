@@ -227,7 +227,7 @@ def _packable(m) -> bool:
 
 #: bytes of logits one packed lm_head GEMM writes at most: a larger output (256 rows × SmolLM2's 49,152 logits = 50 MB)
 #: is mapped afresh by glibc every decode step (above its 32 MB mmap ceiling) and pays its page faults; in row chunks
-#: of ≤ 30 MB the outputs reuse freed memory (benchmarks/NOTES.md: 256 rows 73–78 against 81–93 ms with the copy)
+#: of ≤ 30 MB the outputs reuse freed memory (benchmarks/NOTES.md: 256 rows 73–78 ms against 87–93 ms whole)
 LOGITS_CHUNK_BYTES = 30 * 2**20
 
 #: rows the packed layout is chosen for (oneDNN's batch-size hint; any row count is computed correctly)
