@@ -169,7 +169,7 @@ def main():
                     eng = vllm_engines[mode]
                 else:
                     m = copy.deepcopy(model)
-                    env = MODE_ENV.get(mode.rpartition("_")[2], {}) if mode.count("_") == 2 and not split else {}
+                    env = MODE_ENV.get(mode.rpartition("_")[2], {}) if mode.count("_") == 2 else {}
                     before = {k: os.environ.get(k) for k in env}
                     os.environ.update(env)
                     try:

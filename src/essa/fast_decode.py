@@ -227,7 +227,7 @@ def _packable(m) -> bool:
 
 #: bytes of logits one packed lm_head GEMM writes at most: a larger output (256 rows × SmolLM2's 49,152 logits = 50 MB)
 #: is mapped afresh by glibc every decode step (above its 32 MB mmap ceiling) and pays its page faults; in row chunks
-#: of ≤ 30 MB the outputs reuse freed memory (benchmarks/NOTES.md: 256 rows 73–78 ms against 87–93 ms whole)
+#: of ≤ 30 MB the outputs reuse freed memory (benchmarks/NOTES.md: 256 rows, 1.04–1.25× per alternated round)
 LOGITS_CHUNK_BYTES = 30 * 2**20
 
 #: rows the packed layout is chosen for (oneDNN's batch-size hint; any row count is computed correctly)
@@ -813,14 +813,12 @@ class DecoderNet:
     def logits(self, sess: _Session, h, rows=None):
         h = h[:, 0]
         if self._lm_packed is not None:  # CPU: in row chunks below glibc's mmap ceiling, into the session's buffer
-            if rows is not None:
-                sess.logits[rows] = packed_linear(h, self._lm_packed)
-                return sess.logits
             n, row_bytes = h.shape[0], sess.logits.stride(0) * sess.logits.element_size()
             chunks = -(-n * row_bytes // LOGITS_CHUNK_BYTES)   # ceil: equal chunks, each ≤ the bound
             step = -(-n // chunks)
-            for i in range(0, n, step):
-                sess.logits[i:i + step] = packed_linear(h[i:i + step], self._lm_packed)
+            for i in range(0, n, step):   # all rows, or a length group's (`rows`) of the prefill
+                sess.logits[slice(i, i + step) if rows is None else rows[i:i + step]] = packed_linear(
+                    h[i:i + step], self._lm_packed)
             return sess.logits
         if rows is not None:  # a length group's rows of the prefill
             sess.logits[rows] = (h @ self.model.lm_head.weight.t() if self._lm_plain else self.model.lm_head(h)).to(
