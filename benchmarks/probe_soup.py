@@ -44,8 +44,8 @@ def soup_offset(runs: list[Path]) -> tuple[np.ndarray, dict]:
         keys.add((cfg["adapter"], cfg["alpha"], cfg["balance"], cfg["clamp_min"], genome["dimension"]))
         offsets.append(np.asarray(genome["offset"], dtype=np.float64))
     if len(keys) != 1:
-        sys.exit(f"probe_soup: the runs differ in (SFT adapter, alpha, balance, clamp_min, dimension): {sorted(keys)}; "
-                 "give runs of one configuration")
+        raise ValueError(f"the runs differ in (SFT adapter, alpha, balance, clamp_min, dimension): {sorted(keys)}; "
+                         "give runs of one configuration")
     adapter, alpha, balance, clamp_min, dim = keys.pop()
     return np.mean(offsets, axis=0), {"adapter": adapter, "alpha": alpha, "balance": balance, "clamp_min": clamp_min,
                                       "dimension": dim, "offset_norms": [round(float(np.linalg.norm(o)), 2) for o in offsets]}
@@ -60,8 +60,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     runs = [Path(r).resolve() for r in args.runs]
     for r in runs:
-        if not (r / "adapters" / "best" / "essa_genome.json").is_file() or not (r / "config.json").is_file():
-            ap.exit(2, f"probe_soup: {r} has no adapters/best/essa_genome.json or config.json; give `essa train` output folders\n")
+        if not all((r / f).is_file() for f in ("adapters/best/essa_genome.json", "config.json", "summary.json")):
+            ap.exit(2, f"probe_soup: {r} lacks adapters/best/essa_genome.json, config.json or summary.json; "
+                       "give finished `essa train` output folders\n")
+    if len(runs) < 2:
+        ap.exit(2, "probe_soup: --runs needs at least two run folders (a soup of one run is that run)\n")
 
     import torch
 
@@ -70,11 +73,14 @@ def main(argv=None):
     from essa.tasks.base import split_rl_data
     from essa.tasks.ifeval_data import write_jsonl
 
+    try:
+        mean, shared = soup_offset(runs)
+    except ValueError as e:
+        ap.exit(2, f"probe_soup: {e}\n")
     folder = Path(args.out).resolve() / args.name
     folder.mkdir(parents=True, exist_ok=True)
     commands, reused = [], []
     t0 = time.perf_counter()
-    mean, shared = soup_offset(runs)
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     cfgs = [json.loads((r / "config.json").read_text()) for r in runs]
     adapter = folder / "adapter"
