@@ -812,9 +812,11 @@ class DecoderNet:
 
     def logits(self, sess: _Session, h, rows=None):
         h = h[:, 0]
-        if self._lm_packed is not None:  # CPU: in row chunks below glibc's mmap ceiling, into the session's buffer
+        if self._lm_packed is not None:  # CPU: in row chunks below glibc's mmap ceiling, several into the session's buffer
             n, row_bytes = h.shape[0], sess.logits.stride(0) * sess.logits.element_size()
             chunks = -(-n * row_bytes // LOGITS_CHUNK_BYTES)   # ceil: equal chunks, each ≤ the bound
+            if chunks == 1 and rows is None:   # one GEMM for every row: its output as computed, no copy into the buffer
+                return packed_linear(h, self._lm_packed)
             step = -(-n // chunks)
             for i in range(0, n, step):   # all rows, or a length group's (`rows`) of the prefill
                 sess.logits[slice(i, i + step) if rows is None else rows[i:i + step]] = packed_linear(
