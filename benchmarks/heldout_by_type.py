@@ -2,10 +2,11 @@
 
 Reads `essa eval --task ifeval` outputs (per-row ``instruction_id_list`` and ``loose_list``) of the same prompts and
 prints one JSON object: per type the number of instructions, how many the SFT adapter follows (loose) and each ESSA
-adapter's change, plus the totals and how many SFT completions stopped at the token limit. ``--keys`` keeps the
-rows of the study's clean held-out set (``study_heldout``: the 183 of 200 generated prompts the demo never trains on).
+adapter's change, plus the totals and how many SFT completions stopped at the token limit. ``--clean`` keeps the
+rows of the learning study's clean held-out set (`clean_heldout_keys`: the 183 of its 200 generated prompts the demo
+never trains on). Reads only: writes nothing.
 
-    python benchmarks/heldout_by_type.py --sft runs/axes/sft/eval-heldout-sft.jsonl --keys runs/axes/sft \
+    python benchmarks/heldout_by_type.py --sft runs/axes/sft/eval-heldout-sft.jsonl --clean \
         --essa runs/axes/generations=30,batch_size=32/s{0,1,2,3}/eval-heldout-essa.jsonl
 """
 
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import study_heldout  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import clean_heldout_keys, study_split  # noqa: E402  (benchmarks/ is not a package)
 
 
 def load(path: str, keep: set[str] | None) -> dict[str, dict]:
@@ -30,12 +31,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft", required=True, help="the SFT adapter's eval file (.jsonl)")
     ap.add_argument("--essa", nargs="+", required=True, help="ESSA adapters' eval files of the same prompts")
-    ap.add_argument("--keys", default=None, help="folder of study_heldout (keep its clean rows); default: every row")
+    ap.add_argument("--clean", action="store_true", help="keep the study's clean held-out rows only (default: every row)")
     args = ap.parse_args(argv)
     for p in [args.sft] + args.essa:
         if not Path(p).is_file():
             ap.exit(2, f"heldout_by_type: no file {p}; give `essa eval --output` files\n")
-    keep = study_heldout(Path(args.keys))[1] if args.keys else None
+    keep = clean_heldout_keys(study_split()[0]) if args.clean else None
     sft, runs = load(args.sft, keep), [load(p, keep) for p in args.essa]
     missing = [p for p, r in zip(args.essa, runs) if set(r) != set(sft)]
     if missing:

@@ -32,21 +32,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import counts, eval_ifeval, paired_bootstrap, run, study_heldout  # noqa: E402  (benchmarks/ is not a package)
+from study_ifeval import eval_counts, eval_ifeval, paired_bootstrap, study_heldout  # noqa: E402  (benchmarks/ is not a package)
 
 
-def soup_offset(runs: list[Path]) -> tuple[np.ndarray, dict]:
-    """The mean of the runs' best offsets, and the settings they share (one line and exit 2 when they differ)."""
-    offsets, keys = [], set()
-    for r in runs:
-        cfg = json.loads((r / "config.json").read_text())
-        genome = json.loads((r / "adapters" / "best" / "essa_genome.json").read_text())
-        keys.add((cfg["adapter"], cfg["alpha"], cfg["balance"], cfg["clamp_min"], genome["dimension"]))
-        offsets.append(np.asarray(genome["offset"], dtype=np.float64))
+def soup_offset(cfgs: list[dict], genomes: list[dict]) -> tuple[np.ndarray, dict]:
+    """The mean of the runs' best offsets (their `config.json` and best adapter's `essa_genome.json`), and the settings
+    they share; ValueError when those differ."""
+    keys = {(c["adapter"], c["alpha"], c["balance"], c["clamp_min"], g["dimension"]) for c, g in zip(cfgs, genomes)}
     if len(keys) != 1:
         raise ValueError(f"the runs differ in (SFT adapter, alpha, balance, clamp_min, dimension): {sorted(keys)}; "
                          "give runs of one configuration")
     adapter, alpha, balance, clamp_min, dim = keys.pop()
+    offsets = [np.asarray(g["offset"], dtype=np.float64) for g in genomes]
     return np.mean(offsets, axis=0), {"adapter": adapter, "alpha": alpha, "balance": balance, "clamp_min": clamp_min,
                                       "dimension": dim, "offset_norms": [round(float(np.linalg.norm(o)), 2) for o in offsets]}
 
@@ -65,25 +62,30 @@ def main(argv=None):
                        "give finished `essa train` output folders\n")
     if len(runs) < 2:
         ap.exit(2, "probe_soup: --runs needs at least two run folders (a soup of one run is that run)\n")
+    cfgs = [json.loads((r / "config.json").read_text()) for r in runs]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    try:
+        mean, shared = soup_offset(cfgs, [json.loads((r / "adapters/best/essa_genome.json").read_text()) for r in runs])
+    except ValueError as e:
+        ap.exit(2, f"probe_soup: {e}\n")
+    folder = Path(args.out).resolve() / args.name
+    adapter = folder / "adapter"
+    # a folder already there is this soup's (its adapter, exported first, names its runs): reused, never mixed with another's
+    if folder.is_dir() and any(folder.iterdir()) and (not (adapter / "essa_genome.json").is_file() or json.loads(
+            (adapter / "essa_genome.json").read_text()).get("soup_of") != [str(r) for r in runs]):
+        ap.exit(2, f"probe_soup: {folder} holds another soup's outputs (or no adapter); give another --name or remove it\n")
 
     import torch
 
+    from essa.files import atomic_write_text
     from essa.genome import export_adapter, load_genome
     from essa.tasks import get_task
     from essa.tasks.base import split_rl_data
     from essa.tasks.ifeval_data import write_jsonl
 
-    try:
-        mean, shared = soup_offset(runs)
-    except ValueError as e:
-        ap.exit(2, f"probe_soup: {e}\n")
-    folder = Path(args.out).resolve() / args.name
     folder.mkdir(parents=True, exist_ok=True)
     commands, reused = [], []
     t0 = time.perf_counter()
-    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-    cfgs = [json.loads((r / "config.json").read_text()) for r in runs]
-    adapter = folder / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         genome = load_genome(shared["adapter"], alpha=shared["alpha"], balance=shared["balance"])
         export_adapter(genome, torch.tensor(mean, dtype=torch.float32), adapter, clamp_min=shared["clamp_min"],
@@ -93,28 +95,21 @@ def main(argv=None):
     # the runs' validation rows (each run's own carve-out; the others trained on them) and the demo's held-out questions
     task = get_task(cfgs[0]["task"])
     val = [row for c in cfgs for row in split_rl_data(task, c["train_data"], c["val_size"], c["seed"])[0]]
-    write_jsonl(val, folder / "val.jsonl")
-    tokens = str(cfgs[0]["generation"]["max_new_tokens"])
+    val_path = folder / "val.jsonl"
+    if not val_path.exists():
+        write_jsonl(val, val_path)
+    tokens = cfgs[0]["generation"]["max_new_tokens"]
+    small = {split: {name: eval_counts(ad, folder / f"eval-{split}-{name}.jsonl", data, tokens, commands, reused)
+                     for name, ad in (("sft", Path(shared["adapter"])), ("soup", adapter))}
+             for split, data in (("val", val_path), ("demo", Path(cfgs[0]["test_data"])))}
     sft_dir = Path(args.sft_evals).resolve()
-    small = {}
-    for split, data in (("val", folder / "val.jsonl"), ("demo", Path(cfgs[0]["test_data"]))):
-        for name, ad, where in (("sft", shared["adapter"], folder), ("soup", adapter, folder)):
-            path = where / f"eval-{split}-{name}.jsonl"
-            if path.exists():
-                reused.append(str(path))
-            else:
-                run([sys.executable, "-m", "essa.cli", "eval", "--task", "ifeval", "--adapter", str(ad), "--data", str(data),
-                     "--max-new-tokens", tokens, "--device", "cpu", "--output", str(path)], where / f"eval-{split}-{name}.log",
-                    commands)
-            small.setdefault(split, {})[name] = counts([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
     heldout_path, clean = study_heldout(sft_dir)
     sft = eval_ifeval(Path(shared["adapter"]), sft_dir, "sft", heldout_path, clean, commands, reused)
     soup = eval_ifeval(adapter, folder, "soup", heldout_path, clean, commands, reused)
-    norm = float(np.linalg.norm(mean))
     result = {"study": "soup", "command": shlex.join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
               "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "runs": [str(r) for r in runs], "seeds": [c["seed"] for c in cfgs], **shared,
-              "soup_norm": round(norm, 2),
+              "soup_norm": round(float(np.linalg.norm(mean)), 2),
               "runs_essa_wall_seconds": [s["wall_seconds"] for s in summaries],
               "soup_essa_wall_seconds": round(sum(s["wall_seconds"] for s in summaries), 1),
               "runs_tokens_generated": [s.get("tokens_generated") for s in summaries],
@@ -126,7 +121,7 @@ def main(argv=None):
               "heldout_rows": len(clean), "commands": commands, "reused": reused,
               "wall_seconds": round(time.perf_counter() - t0, 1), "load_average_end": os.getloadavg()}
     text = json.dumps(result, indent=2)
-    (folder / "probe.json").write_text(text)
+    atomic_write_text(folder / "probe.json", text)
     print(text)
 
 

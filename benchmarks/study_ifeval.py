@@ -117,24 +117,28 @@ def demo_seed_record(summary: dict, sft: dict, essa: dict) -> dict:
             **{split: paired_bootstrap(sft[split], essa[split]) for split in ("ifeval", "heldout")}}
 
 
+def eval_counts(adapter: Path, path: Path, data: Path | None, tokens: int, commands: list, reused: list,
+                keep: set[str] | None = None) -> dict:
+    """`essa eval --task ifeval` of an adapter on ``data`` (None: all 541 IFEval prompts), greedy, ``tokens`` new
+    tokens, into ``path`` (its log beside it; reused when it exists, and listed in ``reused``) → the per-prompt
+    `counts` of the rows whose key is in ``keep`` (None: all)."""
+    if path.exists():
+        reused.append(str(path))
+    else:
+        run([sys.executable, "-m", "essa.cli", "eval", "--task", "ifeval", "--adapter", str(adapter),
+             "--max-new-tokens", str(tokens), "--device", "cpu", "--output", str(path)]
+            + ([] if data is None else ["--data", str(data)]), path.with_suffix(".log"), commands)
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return counts([r for r in rows if keep is None or r["key"] in keep])
+
+
 def eval_ifeval(adapter: Path, folder: Path, name: str, heldout: Path, keep: set[str] | None, commands: list,
                 reused: list, tokens: int = 256) -> dict:
-    """`essa eval` of an adapter on all 541 IFEval prompts and on the held-out generated prompts ``heldout``
-    (the rows whose key is in ``keep``; None: all), greedy, ``tokens`` new tokens → {"ifeval": counts,
-    "heldout": counts}. The eval files ``folder/eval-{split}-{name}.jsonl`` are reused when they exist
-    (and listed in ``reused``)."""
-    res = {}
-    for split, data in (("ifeval", None), ("heldout", heldout)):
-        path = folder / f"eval-{split}-{name}.jsonl"
-        if path.exists():
-            reused.append(str(path))
-        else:
-            run([sys.executable, "-m", "essa.cli", "eval", "--task", "ifeval", "--adapter", str(adapter),
-                 "--max-new-tokens", str(tokens), "--device", "cpu", "--output", str(path)]
-                + ([] if data is None else ["--data", str(data)]), folder / f"eval-{split}-{name}.log", commands)
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        res[split] = counts([r for r in rows if split == "ifeval" or keep is None or r["key"] in keep])
-    return res
+    """`eval_counts` of an adapter on all 541 IFEval prompts and on the held-out generated prompts ``heldout``
+    (the rows whose key is in ``keep``; None: all) → {"ifeval": counts, "heldout": counts}; the eval files are
+    ``folder/eval-{split}-{name}.jsonl``."""
+    return {"ifeval": eval_counts(adapter, folder / f"eval-ifeval-{name}.jsonl", None, tokens, commands, reused),
+            "heldout": eval_counts(adapter, folder / f"eval-heldout-{name}.jsonl", heldout, tokens, commands, reused, keep)}
 
 
 def paired_bootstrap(a: dict, b: dict, draws: int = 10_000, seed: int = 0) -> dict:
