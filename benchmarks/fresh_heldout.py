@@ -5,7 +5,8 @@ start and several ESSA runs made from it on ``--rows`` further generated IFEval-
 demo-style runs has seen: rows 128 and on of the ifeval task's ``sft`` split (the shipped SFT adapter's data came
 from rows 0–127; the ``rl`` split, which other probes trained and selected on, is not used), less the yes-no rows
 whose question is a demo training question (`clean_heldout_keys`), the first ``--rows`` kept — fixed before
-anything is scored. ``--set study`` scores the study's 183 prompts instead (their eval files are reused).
+anything is scored. ``--set study`` scores the study's 183 prompts instead, ``--set ifeval`` all 541 IFEval prompts (the
+runs' eval files from the demo-axes probe are reused).
 
 Per run: ESSA − SFT (paired bootstrap over prompts, 10,000 draws, 95 %); pooled: the mean of the runs against
 the SFT start, prompts resampled jointly — the configuration's effect, with the runs' own scatter averaged.
@@ -61,7 +62,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="folder for the prompts, the SFT's eval file and the JSON")
     ap.add_argument("--runs", nargs="+", required=True, help="finished ESSA run folders (adapters/best) of one SFT start")
     ap.add_argument("--sft-adapter", default=str(ROOT / "src/essa/data/demo/sft-adapter"))
-    ap.add_argument("--set", choices=("fresh", "study"), default="fresh")
+    ap.add_argument("--set", choices=("fresh", "study", "ifeval"), default="fresh")
     ap.add_argument("--rows", type=int, default=600, help="fresh prompts (--set fresh)")
     args = ap.parse_args(argv)
     runs = [Path(r) for r in args.runs]
@@ -88,8 +89,10 @@ def main(argv=None):
             if len(rows) < args.rows:
                 ap.exit(2, f"fresh_heldout: only {len(rows)} fresh prompts; pass --rows {len(rows)} or fewer\n")
             write_jsonl(rows, data)
-    else:
+    elif args.set == "study":
         name, (data, keep) = "heldout", study_heldout(out)
+    else:
+        name, data, keep = "ifeval", None, None
     sft = eval_counts(Path(args.sft_adapter), out / f"eval-{name}-sft.jsonl", data, 256, commands, reused, keep)
     essa = [eval_counts(r / "adapters" / "best", r / f"eval-{name}-essa.jsonl", data, 256, commands, reused, keep)
             for r in runs]
