@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_ifeval import METRICS, ROOT, clean_heldout_keys, eval_counts, metric, paired_bootstrap, study_heldout  # noqa: E402
+from study_ifeval import ROOT, clean_heldout_keys, eval_counts, paired_bootstrap, study_heldout  # noqa: E402
 
 SFT_ROWS_USED = 128     # `essa data ifeval-like --n 128 --seed 0` made the shipped SFT adapter's data (README, recipe step 1)
 
@@ -42,19 +42,6 @@ def fresh_rows(n: int) -> list[dict]:
     keep = clean_heldout_keys(rows)
     rows = [r for r in rows if r["key"] in keep]
     return rows[:n]
-
-
-def pooled_bootstrap(sft: dict, runs: list[dict], draws: int = 10_000, seed: int = 0) -> dict:
-    """The runs' mean − SFT for every metric, prompts resampled jointly (``essa.evaluate.paired_bootstrap``)."""
-    from essa.evaluate import paired_bootstrap as bootstrap
-
-    out = {}
-    for m in METRICS:
-        def stat(d, idx, m=m):
-            return sum(metric(r, m, idx) for r in d["runs"]) / len(d["runs"]) if "runs" in d else metric(d, m, idx)
-        res = bootstrap(sft, {"runs": runs}, draws, seed, statistic=stat)
-        out[m] = {"diff": res["diff"], "ci95": res["ci95"], "significant": res["significant"]}
-    return out
 
 
 def main(argv=None):
@@ -71,13 +58,19 @@ def main(argv=None):
             ap.exit(2, f"fresh_heldout: {r} has no adapters/best; give finished `essa train` run folders\n")
     if not Path(args.sft_adapter).is_dir():
         ap.exit(2, f"fresh_heldout: no adapter folder {args.sft_adapter}; pass --sft-adapter DIR\n")
+    from essa.files import write_json
+
     out = Path(args.out)
     record = out / f"{args.set}.json"
+    # what the SFT eval file in --out was made for: written before any eval, so a killed run's file is never reused for another
+    ident = {"sft_adapter": args.sft_adapter, "set": args.set, "rows": args.rows if args.set == "fresh" else None}
     if record.exists():
         old = json.loads(record.read_text())
-        if old.get("sft_adapter") != args.sft_adapter or old.get("rows") != (args.rows if args.set == "fresh" else None):
+        if any(old.get(k) != v for k, v in ident.items()):
             ap.exit(2, f"fresh_heldout: {record} was made for another SFT adapter or row count; pass another --out\n")
     out.mkdir(parents=True, exist_ok=True)
+    if not record.exists():
+        write_json(record, ident)
     commands, reused = [], []
     t0 = time.time()
     load0 = os.getloadavg()
@@ -101,13 +94,11 @@ def main(argv=None):
         "env": {k: v for k, v in os.environ.items() if k.startswith("ESSA_")},
         "device": "cpu", "cpu": platform.machine(), "cores": os.cpu_count(), "load_average_start": load0,
         "load_average_end": os.getloadavg(), "wall_seconds": round(time.time() - t0, 1),
-        "sft_adapter": args.sft_adapter, "set": args.set, "rows": args.rows if args.set == "fresh" else None,
+        **ident,
         "prompts": len(sft["inst"]), "instructions": int(sft["inst"].sum()),
         "runs": {str(r): paired_bootstrap(sft, e) for r, e in zip(runs, essa)},
-        "pooled": pooled_bootstrap(sft, essa), "commands": commands, "reused": reused}
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(record)
+        "pooled": paired_bootstrap(sft, essa), "commands": commands, "reused": reused}
+    write_json(record, result)
     print(json.dumps(result, indent=1))
 
 

@@ -58,7 +58,10 @@ def counts(rows: list[dict]) -> dict[str, np.ndarray]:
             "loose_all": np.array([r["loose_all"] for r in rows], float)}
 
 
-def metric(d: dict, name: str, idx=slice(None)) -> float:
+def metric(d: dict | list[dict], name: str, idx=slice(None)) -> float:
+    """A metric of `counts` on the prompts ``idx``; of a list of counts (several runs on the same prompts), their mean."""
+    if isinstance(d, list):
+        return sum(metric(x, name, idx) for x in d) / len(d)
     if name == "inst_loose":
         return d["loose_n"][idx].sum() / d["inst"][idx].sum()
     if name == "inst_strict":
@@ -141,9 +144,10 @@ def eval_ifeval(adapter: Path, folder: Path, name: str, heldout: Path, keep: set
             "heldout": eval_counts(adapter, folder / f"eval-heldout-{name}.jsonl", heldout, tokens, commands, reused, keep)}
 
 
-def paired_bootstrap(a: dict, b: dict, draws: int = 10_000, seed: int = 0) -> dict:
+def paired_bootstrap(a: dict, b: dict | list[dict], draws: int = 10_000, seed: int = 0) -> dict:
     """b − a for every metric: point estimate and 95 % percentile interval, prompts resampled in pairs
-    (``essa.evaluate.paired_bootstrap`` with each metric as the statistic)."""
+    (``essa.evaluate.paired_bootstrap`` with each metric as the statistic). ``b`` a list: several runs' counts on
+    a's prompts, pooled (their mean − a, the prompts resampled jointly)."""
     from essa.evaluate import paired_bootstrap as bootstrap
 
     out = {}
